@@ -1,0 +1,1 @@
+"""kvctl: inspect, cap and rebalance the KV memory of live engines."""
