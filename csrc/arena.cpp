@@ -116,13 +116,18 @@ std::vector<std::int64_t> Arena::validate(const std::vector<std::int64_t>& page_
   return sorted;
 }
 
+// Ledger order: charge the slot word before the GPU word and release the GPU
+// word before the slot word. A process killed between the two then leaves its
+// slot holding at least its share of the GPU sum, and the reclaimer (which
+// subtracts the slot from the GPU sum) never leaks budget for good.
 void Arena::admit(std::size_t bytes) {
+  if (ledger_.slot_mapped != nullptr) __atomic_fetch_add(ledger_.slot_mapped, bytes, __ATOMIC_SEQ_CST);
   if (ledger_.gpu_mapped != nullptr) {
     const std::uint64_t before = __atomic_fetch_add(ledger_.gpu_mapped, bytes, __ATOMIC_SEQ_CST);
     const std::uint64_t budget =
         ledger_.gpu_budget ? __atomic_load_n(ledger_.gpu_budget, __ATOMIC_ACQUIRE) : UINT64_MAX;
     if (budget != UINT64_MAX && before + bytes > budget) {
-      __atomic_fetch_sub(ledger_.gpu_mapped, bytes, __ATOMIC_SEQ_CST);
+      unadmit(bytes);
       throw OutOfMemory("GPU budget for kvcached engines reached: " + std::to_string(before) + " of " +
                         std::to_string(budget) + " bytes mapped, " + std::to_string(bytes) + " more asked");
     }
@@ -130,7 +135,7 @@ void Arena::admit(std::size_t bytes) {
   if (ledger_.headroom_bytes > 0) {
     const auto info = backend_->mem_info();
     if (info.first < bytes + ledger_.headroom_bytes) {
-      if (ledger_.gpu_mapped != nullptr) __atomic_fetch_sub(ledger_.gpu_mapped, bytes, __ATOMIC_SEQ_CST);
+      unadmit(bytes);
       throw OutOfMemory("device headroom reached: " + std::to_string(info.first) + " bytes free, " +
                         std::to_string(bytes) + " asked while keeping " + std::to_string(ledger_.headroom_bytes) +
                         " free for other uses");
@@ -140,6 +145,7 @@ void Arena::admit(std::size_t bytes) {
 
 void Arena::unadmit(std::size_t bytes) {
   if (ledger_.gpu_mapped != nullptr) __atomic_fetch_sub(ledger_.gpu_mapped, bytes, __ATOMIC_SEQ_CST);
+  if (ledger_.slot_mapped != nullptr) __atomic_fetch_sub(ledger_.slot_mapped, bytes, __ATOMIC_SEQ_CST);
 }
 
 void Arena::map_page(std::int64_t page, Progress& progress) {
@@ -215,7 +221,6 @@ void Arena::map(const std::vector<std::int64_t>& page_ids) {
   }
   for (std::int64_t page : pages) mapped_[static_cast<std::size_t>(page)] = 1;
   num_mapped_.fetch_add(pages.size(), std::memory_order_relaxed);
-  if (ledger_.slot_mapped != nullptr) __atomic_fetch_add(ledger_.slot_mapped, bytes, __ATOMIC_SEQ_CST);
 }
 
 void Arena::unmap_page(std::int64_t page) {
@@ -257,12 +262,10 @@ void Arena::unmap(const std::vector<std::int64_t>& page_ids) {
   } catch (...) {
     num_mapped_.fetch_sub(num_done, std::memory_order_relaxed);
     unadmit(num_done * group_bytes());
-    if (ledger_.slot_mapped != nullptr) __atomic_fetch_sub(ledger_.slot_mapped, num_done * group_bytes(), __ATOMIC_SEQ_CST);
     throw;
   }
   num_mapped_.fetch_sub(num_done, std::memory_order_relaxed);
   unadmit(num_done * group_bytes());
-  if (ledger_.slot_mapped != nullptr) __atomic_fetch_sub(ledger_.slot_mapped, num_done * group_bytes(), __ATOMIC_SEQ_CST);
 }
 
 void Arena::unmap_all_locked() noexcept {
@@ -279,7 +282,6 @@ void Arena::unmap_all_locked() noexcept {
   }
   num_mapped_.fetch_sub(num_done, std::memory_order_relaxed);
   unadmit(num_done * group_bytes());
-  if (ledger_.slot_mapped != nullptr) __atomic_fetch_sub(ledger_.slot_mapped, num_done * group_bytes(), __ATOMIC_SEQ_CST);
 }
 
 void Arena::close() {
@@ -299,12 +301,12 @@ void Arena::set_ledger(const Ledger& ledger) {
     }
   }
   // Bytes already mapped move into the new ledger so its sums stay exact.
+  // No budget check here: these bytes are mapped already.
   const std::size_t bytes = mapped_bytes();
-  if (ledger_.gpu_mapped != nullptr) __atomic_fetch_sub(ledger_.gpu_mapped, bytes, __ATOMIC_SEQ_CST);
-  if (ledger_.slot_mapped != nullptr) __atomic_fetch_sub(ledger_.slot_mapped, bytes, __ATOMIC_SEQ_CST);
+  unadmit(bytes);
   ledger_ = ledger;
-  if (ledger_.gpu_mapped != nullptr) __atomic_fetch_add(ledger_.gpu_mapped, bytes, __ATOMIC_SEQ_CST);
   if (ledger_.slot_mapped != nullptr) __atomic_fetch_add(ledger_.slot_mapped, bytes, __ATOMIC_SEQ_CST);
+  if (ledger_.gpu_mapped != nullptr) __atomic_fetch_add(ledger_.gpu_mapped, bytes, __ATOMIC_SEQ_CST);
 }
 
 void Arena::clear_ledger() { set_ledger(Ledger{}); }

@@ -28,6 +28,12 @@ kvcached::HandleMode parse_mode(const std::string& mode) {
 
 std::uint64_t* word(std::uintptr_t addr) { return reinterpret_cast<std::uint64_t*>(addr); }
 
+void check_word(std::uintptr_t addr) {
+  if (addr == 0 || addr % alignof(std::uint64_t) != 0) {
+    throw std::invalid_argument("addr must be a non-null 8-byte aligned address, got " + std::to_string(addr));
+  }
+}
+
 }  // namespace
 
 NB_MODULE(_vmm, m) {
@@ -126,6 +132,37 @@ NB_MODULE(_vmm, m) {
       "addr"_a, "num_bytes"_a, "device"_a, "device_id"_a = 0, "owner"_a = nb::none(),
       "A 1-D uint8 DLPack-exporting view of [addr, addr + num_bytes) on the given device; zero-copy. "
       "`owner` is kept alive as long as any view of it.");
+
+  // Atomics on 8-byte words of shared memory, for the control plane's few
+  // read-modify-writes (Python has none of its own).
+  m.def(
+      "atomic_fetch_add_u64",
+      [](std::uintptr_t addr, std::int64_t delta) {
+        check_word(addr);
+        return __atomic_fetch_add(word(addr), static_cast<std::uint64_t>(delta), __ATOMIC_SEQ_CST);
+      },
+      "addr"_a, "delta"_a, "Add a (two's-complement) delta to the uint64 at addr; return the old value.");
+  m.def(
+      "atomic_load_u64",
+      [](std::uintptr_t addr) {
+        check_word(addr);
+        return __atomic_load_n(word(addr), __ATOMIC_ACQUIRE);
+      },
+      "addr"_a);
+  m.def(
+      "atomic_store_u64",
+      [](std::uintptr_t addr, std::uint64_t value) {
+        check_word(addr);
+        __atomic_store_n(word(addr), value, __ATOMIC_RELEASE);
+      },
+      "addr"_a, "value"_a);
+  m.def(
+      "atomic_cas_u64",
+      [](std::uintptr_t addr, std::uint64_t expected, std::uint64_t desired) {
+        check_word(addr);
+        return __atomic_compare_exchange_n(word(addr), &expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+      },
+      "addr"_a, "expected"_a, "desired"_a, "Compare-and-swap the uint64 at addr; True when it was swapped.");
 
   m.def("bench_raw", &kvcached::bench_raw, "backend"_a, "page_bytes"_a, "iterations"_a,
         nb::call_guard<nb::gil_scoped_release>(),
