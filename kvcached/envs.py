@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EnvError", "EnvVar", "REGISTRY", "get", "is_set", "describe"]
+__all__ = ["REGISTRY", "EnvError", "EnvVar", "describe", "get", "is_set"]
 
 
 class EnvError(ValueError):
@@ -134,7 +134,7 @@ def get(name: str) -> Any:
 
 def is_set(name: str) -> bool:
     """Whether ``name`` is present in the environment (even if empty)."""
-    REGISTRY[name]  # noqa: B018 - unknown names fail fast
+    REGISTRY[name]
     return name in os.environ
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_size", "format_bytes", "SizeError"]
+__all__ = ["SizeError", "format_bytes", "parse_size"]
 
 
 class SizeError(ValueError):

@@ -234,4 +234,4 @@ def test_closed_arena_refuses_work(backend):
 def test_backend_status_names_both_backends():
     status = _vmm.backend_status()
     assert status["host"] == "ok"
-    assert "cuda" in status and status["cuda"]
+    assert status.get("cuda")
