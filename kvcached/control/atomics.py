@@ -10,10 +10,10 @@ libatomic is missing. Loaded on first use, so ``import kvcached.control`` stays 
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 from collections.abc import Callable
 
-__all__ = ["fetch_add_u64", "fence"]
+__all__ = ["fence", "fetch_add_u64"]
 
 _SEQ_CST = 5
 _MASK = (1 << 64) - 1
@@ -22,7 +22,7 @@ _fetch_add: Callable[[int, int], int] | None = None
 _fence: Callable[[], None] | None = None
 # x86-64 keeps stores in order and loads in order (TSO), which is all a seqlock needs from
 # the interpreter's plain stores; weaker CPUs need a real fence between them.
-_NEEDS_FENCE = platform.machine() not in ("x86_64", "AMD64", "i686")
+_NEEDS_FENCE = os.uname().machine not in ("x86_64", "i686")
 
 
 def _load() -> None:
@@ -42,7 +42,7 @@ def _load() -> None:
         _fence = lambda: thread_fence(_SEQ_CST)  # noqa: E731
         return
     try:
-        from kvcached import _vmm  # type: ignore[attr-defined]
+        from kvcached import _vmm
 
         vmm_add = _vmm.atomic_fetch_add_u64
     except (ImportError, AttributeError):
@@ -50,7 +50,7 @@ def _load() -> None:
             "kvcached needs libatomic.so.1 (package libatomic1) or kvcached._vmm.atomic_fetch_add_u64 "
             "for atomic updates of the control segment"
         ) from None
-    _fetch_add = lambda addr, delta: int(vmm_add(addr, delta & _MASK))  # noqa: E731
+    _fetch_add = lambda addr, delta: int(vmm_add(addr, delta))  # noqa: E731 - it takes a signed int64
     _fence = lambda: None  # noqa: E731
 
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 __all__ = [
     "ControlError",
-    "SegmentMissing",
-    "SegmentVersionError",
-    "SegmentCorrupt",
-    "SegmentPermissionError",
-    "SlotTableFull",
-    "GpuTableFull",
     "DuplicateName",
+    "GpuTableFull",
+    "InvalidValue",
+    "SegmentCorrupt",
+    "SegmentMissing",
+    "SegmentPermissionError",
+    "SegmentVersionError",
+    "SlotTableFull",
     "UnknownEngine",
     "UnknownGpu",
-    "InvalidValue",
 ]
 
 

@@ -23,23 +23,23 @@ from enum import IntEnum
 
 __all__ = [
     "ABI_VERSION",
-    "MAGIC",
-    "NO_LIMIT",
-    "NAME_BYTES",
-    "MODEL_BYTES",
-    "UUID_BYTES",
     "FLAG_LIMIT_MET",
     "FLAG_WATCH_ERROR",
+    "MAGIC",
+    "MODEL_BYTES",
+    "NAME_BYTES",
+    "NO_LIMIT",
+    "UUID_BYTES",
     "EngineKind",
     "EngineState",
+    "GpuEntry",
     "GpuState",
     "Header",
-    "GpuEntry",
     "Slot",
-    "segment_bytes",
-    "header_checksum",
-    "encode_limit",
     "decode_limit",
+    "encode_limit",
+    "header_checksum",
+    "segment_bytes",
 ]
 
 MAGIC = int.from_bytes(b"KVCACHED", "little")
@@ -85,12 +85,12 @@ class GpuState(IntEnum):
 u32, i32, u64, f64 = ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_double
 
 
-def _padded(name: str, size: int, fields: list[tuple[str, type]]) -> type[ctypes.Structure]:
-    core = type(f"_{name}Core", (ctypes.Structure,), {"_fields_": fields})
-    spare = size - ctypes.sizeof(core)
-    if spare < 0:
-        raise TypeError(f"{name} needs {ctypes.sizeof(core)} bytes, more than its {size}")
-    return type(name, (ctypes.Structure,), {"_fields_": [*fields, ("_spare", ctypes.c_uint8 * spare)]})
+def _spare(fields: list[tuple[str, type]], size: int) -> type[ctypes.Array[ctypes.c_uint8]]:
+    """Padding that brings a record with ``fields`` to ``size`` bytes (room to grow)."""
+    core = type("_Core", (ctypes.Structure,), {"_fields_": fields})
+    if ctypes.sizeof(core) > size:
+        raise TypeError(f"record needs {ctypes.sizeof(core)} bytes, more than its {size}")
+    return ctypes.c_uint8 * (size - ctypes.sizeof(core))
 
 
 _HEADER_FIELDS: list[tuple[str, type]] = [
@@ -119,6 +119,9 @@ _GPU_FIELDS: list[tuple[str, type]] = [
     ("mapped_bytes", u64),  # the core's atomic sum over this GPU's engines
     ("headroom_bytes", u64),
     ("created_ns", u64),
+    # CLOCK_MONOTONIC of the last time an engine here was refused memory below its own
+    # limit: the budget or the device is full, so the others give back idle reserve pages.
+    ("pressure_ns", u64),
 ]
 
 _SLOT_FIELDS: list[tuple[str, type]] = [
@@ -138,13 +141,13 @@ _SLOT_FIELDS: list[tuple[str, type]] = [
     ("used_bytes", u64),
     ("cached_bytes", u64),
     ("reserve_bytes", u64),
-    ("demand_bytes", u64),
+    ("demand_bytes", u64),  # what the engine would use now: used + its largest recent shortfall
     ("applied_revision", u64),
     ("applied_limit_bytes", u64),
     ("flags", u64),
     ("num_allocs", u64),
     ("num_denied", u64),
-    ("num_maps", u64),
+    ("num_maps", u64),  # page groups mapped since the start
     ("num_unmaps", u64),
     ("heartbeat_ns", u64),  # CLOCK_MONOTONIC, host-wide
     ("started_ns", u64),  # wall clock
@@ -155,12 +158,21 @@ _SLOT_FIELDS: list[tuple[str, type]] = [
     ("min_bytes", u64),
 ]
 
-Header = _padded("Header", HEADER_BYTES, _HEADER_FIELDS)
-GpuEntry = _padded("GpuEntry", GPU_ENTRY_BYTES, _GPU_FIELDS)
-Slot = _padded("Slot", SLOT_BYTES, _SLOT_FIELDS)
 
-_CHECKSUM_START = Header.abi_version.offset  # type: ignore[attr-defined]
-_CHECKSUM_END = Header.checksum.offset  # type: ignore[attr-defined]
+class Header(ctypes.Structure):
+    _fields_ = [*_HEADER_FIELDS, ("_spare", _spare(_HEADER_FIELDS, HEADER_BYTES))]
+
+
+class GpuEntry(ctypes.Structure):
+    _fields_ = [*_GPU_FIELDS, ("_spare", _spare(_GPU_FIELDS, GPU_ENTRY_BYTES))]
+
+
+class Slot(ctypes.Structure):
+    _fields_ = [*_SLOT_FIELDS, ("_spare", _spare(_SLOT_FIELDS, SLOT_BYTES))]
+
+
+_CHECKSUM_START = Header.abi_version.offset
+_CHECKSUM_END = Header.checksum.offset
 
 
 def segment_bytes(num_gpus: int, num_slots: int) -> int:
@@ -179,4 +191,3 @@ def encode_limit(limit_bytes: int | None) -> int:
 
 def decode_limit(word: int) -> int | None:
     return None if word == NO_LIMIT else word
-

@@ -15,7 +15,7 @@ from fractions import Fraction
 from kvcached.control.layout import EngineState
 from kvcached.control.snapshot import EngineInfo, Snapshot
 
-__all__ = ["Policy", "POLICIES", "demand_proportional", "equal_share", "strict_priority", "capped_fill"]
+__all__ = ["POLICIES", "Policy", "capped_fill", "demand_proportional", "equal_share", "strict_priority"]
 
 Policy = Callable[[Snapshot], dict[str, int]]
 
@@ -59,7 +59,7 @@ def _per_gpu(snapshot: Snapshot, split: Callable[[int, list[EngineInfo]], list[i
     for gpu in snapshot.gpus:
         engines = sorted(snapshot.engines_on(gpu.uuid), key=lambda e: e.name)
         if engines:
-            limits.update(zip((e.name for e in engines), split(gpu.capacity_bytes, engines)))
+            limits.update(zip((e.name for e in engines), split(gpu.capacity_bytes, engines), strict=True))
     return limits
 
 
@@ -73,11 +73,11 @@ def _weight(engine: EngineInfo) -> Fraction:
 
 def _split_demand(capacity: int, engines: list[EngineInfo]) -> list[int]:
     base, rest = _base(capacity, engines)
-    wants = [max(e.demand_bytes - b, 0) if _awake(e) else 0 for e, b in zip(engines, base)]
-    grant = capped_fill(rest, [_weight(e) * w for e, w in zip(engines, wants)], wants)
+    wants = [max(e.demand_bytes - b, 0) if _awake(e) else 0 for e, b in zip(engines, base, strict=True)]
+    grant = capped_fill(rest, [_weight(e) * w for e, w in zip(engines, wants, strict=True)], wants)
     surplus = rest - sum(grant)
     extra = capped_fill(surplus, [_weight(e) if _awake(e) else 0 for e in engines], [surplus] * len(engines))
-    return [b + g + x for b, g, x in zip(base, grant, extra)]
+    return [b + g + x for b, g, x in zip(base, grant, extra, strict=True)]
 
 
 def _split_equal(capacity: int, engines: list[EngineInfo]) -> list[int]:

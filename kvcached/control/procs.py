@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["start_ticks", "is_alive", "self_ticks"]
+__all__ = ["is_alive", "self_ticks", "start_ticks"]
 
 
 def start_ticks(pid: int) -> int | None:

@@ -4,7 +4,7 @@ Slots have two seqlocks. ``seq`` covers what the engine writes (its stats, its i
 at claim time); ``ctl_seq`` covers what controllers write (limit, revision, weight, min).
 A writer makes the counter odd, writes, and makes it even again; a reader copies the slot
 and retries if either counter was odd or moved. Writers of one kind never race: the
-engine's fields have one writer thread, and controllers hold the segment lock.
+engine serializes its own writer threads, and controllers hold the segment lock.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,18 +39,18 @@ from kvcached.control.layout import (
 from kvcached.control.segment import Segment
 
 __all__ = [
-    "engine_write",
-    "control_write",
-    "read_slot",
-    "read_control",
     "check_name",
+    "claim_slot",
+    "control_write",
+    "engine_write",
+    "find_engine",
     "find_gpu",
     "find_or_create_gpu",
-    "claim_slot",
-    "release_slot",
-    "reclaim_dead",
-    "find_engine",
     "is_dead",
+    "read_control",
+    "read_slot",
+    "reclaim_dead",
+    "release_slot",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,62}$")
@@ -122,7 +121,9 @@ def read_control(slot: Slot) -> tuple[int, int] | None:
 def check_name(name: str) -> str:
     """Validate an engine name: 1-63 of ``A-Z a-z 0-9 . _ : @ + / = -``, starting alphanumeric."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InvalidValue(f"bad engine name {name!r}: use 1-63 of A-Z a-z 0-9 . _ : @ + / = -, starting with a letter or digit")
+        raise InvalidValue(
+            f"bad engine name {name!r}: use 1-63 of A-Z a-z 0-9 . _ : @ + / = -, starting with a letter or digit"
+        )
     return name
 
 
@@ -234,7 +235,7 @@ def claim_slot(
         if free_index is None:
             raise SlotTableFull(f"control segment {seg.name!r}: all {len(seg.slots)} engine slots are taken")
         slot = seg.slots[free_index]
-        claim_id = secrets.randbits(63) + 1
+        claim_id = int.from_bytes(os.urandom(8), "little") | 1  # never 0, the free value
         with engine_write(slot):
             ctypes.memset(ctypes.addressof(slot) + 16, 0, ctypes.sizeof(Slot) - 16)  # all but the seqlocks
             slot.state, slot.kind, slot.gpu_index = EngineState.CLAIMING, kind, gpu_index

@@ -13,13 +13,13 @@ updates the mapped counters with atomics.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import mmap
 import os
 import re
-import secrets
 import stat
 import threading
 import time
@@ -39,7 +39,7 @@ from kvcached.control.errors import (
 )
 from kvcached.control.layout import ABI_VERSION, MAGIC, NO_LIMIT, GpuEntry, Header, Slot
 
-__all__ = ["Segment", "default_name", "DEFAULT_NUM_GPUS", "DEFAULT_NUM_SLOTS"]
+__all__ = ["DEFAULT_NUM_GPUS", "DEFAULT_NUM_SLOTS", "Segment", "default_name"]
 
 DEFAULT_NUM_GPUS = 32  # GPU and MIG UUIDs on one host, plus the host backend's entry
 DEFAULT_NUM_SLOTS = 64
@@ -132,16 +132,20 @@ class Segment:
             return
         mm, self._mm = self._mm, None
         del self.header, self.gpus, self.slots
-        try:
+        # A caller may still hold a view: then the mapping goes when the last one is collected.
+        with contextlib.suppress(BufferError):
             mm.close()
-        except BufferError:
-            # A caller still holds a view; the mapping goes when the last one is collected.
-            pass
         os.close(self._fd)
 
     @property
     def closed(self) -> bool:
         return self._mm is None
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- locking ---------------------------------------------------------------------
 
@@ -276,7 +280,7 @@ def _initialize(fd: int, num_gpus: int, num_slots: int) -> None:
         hdr.slot_bytes = layout.SLOT_BYTES
         hdr.num_gpus, hdr.num_slots, hdr.total_bytes = num_gpus, num_slots, total
         hdr.owner_uid = os.geteuid()
-        hdr.creation_id = secrets.randbits(64)
+        hdr.creation_id = int.from_bytes(os.urandom(8), "little")
         hdr.created_ns = time.time_ns()
         gpu_base = layout.HEADER_BYTES
         for i in range(num_gpus):

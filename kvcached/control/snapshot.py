@@ -19,7 +19,7 @@ from kvcached.control.layout import (
 )
 from kvcached.control.segment import Segment
 
-__all__ = ["GpuInfo", "EngineInfo", "Snapshot", "LimitChange", "take_snapshot"]
+__all__ = ["EngineInfo", "GpuInfo", "LimitChange", "Snapshot", "read_gpus", "take_snapshot"]
 
 _SNAPSHOT_TRIES = 20
 
@@ -185,6 +185,11 @@ def _engine_info(index: int, slot: Slot, gpu_uuids: dict[int, str], now_ns: int)
     )
 
 
+def read_gpus(seg: Segment) -> dict[int, GpuInfo]:
+    """The GPU entries in use, by index (``num_engines`` is not filled in: 0)."""
+    return {i: _gpu_info(seg, i, {}) for i, gpu in enumerate(seg.gpus) if gpu.state == GpuState.IN_USE}
+
+
 def take_snapshot(seg: Segment, reclaim: bool = True) -> Snapshot:
     """Read every GPU entry and live engine; with ``reclaim``, free dead engines' slots first.
 
@@ -202,7 +207,9 @@ def take_snapshot(seg: Segment, reclaim: bool = True) -> Snapshot:
         }
         now_ns = time.monotonic_ns()
         engines = []
-        for i in range(len(seg.slots)):
+        for i, view in enumerate(seg.slots):
+            if view.state == EngineState.FREE and not view.seq & 1:
+                continue  # a claim makes seq odd first, and the generation check catches the rest
             slot = registry.read_slot(seg, i)
             if slot.state == EngineState.FREE:
                 continue
