@@ -42,6 +42,11 @@ Arena::Arena(Backend* backend, std::size_t num_ranges, std::size_t range_bytes, 
     throw std::invalid_argument("range_bytes must be a positive multiple of page_bytes (" +
                                 std::to_string(page_bytes) + "), got " + std::to_string(range_bytes));
   }
+  if (mode == HandleMode::Group && num_ranges > 1 && std::string(backend->name()) == "cuda") {
+    throw std::invalid_argument(
+        "handle_mode 'group' needs map offsets into a handle, which CUDA does not support (cuMemMap takes "
+        "offset 0 only); use 'per_range' or 'auto' with more than one range");
+  }
   if (range_bytes > std::numeric_limits<std::size_t>::max() / num_ranges) {
     throw std::invalid_argument("num_ranges * range_bytes overflows");
   }

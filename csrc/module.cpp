@@ -20,10 +20,16 @@ using kvcached::Backend;
 
 namespace {
 
-kvcached::HandleMode parse_mode(const std::string& mode) {
+// "auto": one handle per page group where the backend can slice a handle into
+// several ranges (host), one handle per range where it cannot (CUDA maps only
+// from offset 0 of a handle).
+kvcached::HandleMode parse_mode(const std::string& mode, const Backend& backend) {
+  if (mode == "auto") {
+    return std::string(backend.name()) == "cuda" ? kvcached::HandleMode::PerRange : kvcached::HandleMode::Group;
+  }
   if (mode == "group") return kvcached::HandleMode::Group;
   if (mode == "per_range") return kvcached::HandleMode::PerRange;
-  throw std::invalid_argument("handle_mode must be 'group' or 'per_range', got '" + mode + "'");
+  throw std::invalid_argument("handle_mode must be 'auto', 'group' or 'per_range', got '" + mode + "'");
 }
 
 std::uint64_t* word(std::uintptr_t addr) { return reinterpret_cast<std::uint64_t*>(addr); }
@@ -81,9 +87,9 @@ NB_MODULE(_vmm, m) {
           "__init__",
           [](Arena* self, Backend* backend, std::size_t num_ranges, std::size_t range_bytes, std::size_t page_bytes,
              const std::string& handle_mode) {
-            new (self) Arena(backend, num_ranges, range_bytes, page_bytes, parse_mode(handle_mode));
+            new (self) Arena(backend, num_ranges, range_bytes, page_bytes, parse_mode(handle_mode, *backend));
           },
-          "backend"_a, "num_ranges"_a, "range_bytes"_a, "page_bytes"_a, "handle_mode"_a = "group",
+          "backend"_a, "num_ranges"_a, "range_bytes"_a, "page_bytes"_a, "handle_mode"_a = "auto",
           nb::keep_alive<1, 2>())
       .def("map", &Arena::map, "page_ids"_a, nb::call_guard<nb::gil_scoped_release>(),
            "Map page groups, all or nothing. Raises OutOfMemoryError, VmmError or ValueError.")

@@ -99,17 +99,20 @@ class EnvVar:
 _VARS: list[EnvVar] = [
     # Activation (the import hook).
     EnvVar("ENABLE_KVCACHED", _parse_bool, False, "turn kvcached on in engines started in this environment", "a boolean"),
-    EnvVar("KVCACHED_AUTOPATCH", _parse_bool, False, "patch supported engines when they are imported", "a boolean"),
+    EnvVar("KVCACHED_AUTOPATCH", _parse_bool, True, "with ENABLE_KVCACHED, patch engines when they are imported (0: your code calls the integration)", "a boolean"),
     # The VMM core.
     EnvVar("KVCACHED_BACKEND", _parse_choice("auto", "cuda", "host"), "auto", "VMM backend: cuda, host, or auto (cuda where usable)", "auto, cuda, host"),
     EnvVar("KVCACHED_HOST_CAP", _parse_size, 4 << 30, "physical cap of the host backend (bytes it may create)", "a size such as 512MiB or 4G"),
     EnvVar("KVCACHED_PAGE_SIZE", _parse_size, 2 << 20, "bytes per page in each KV range (multiple of the granularity)", "a size such as 2MiB"),
-    EnvVar("KVCACHED_HANDLE_MODE", _parse_choice("group", "per_range"), "group", "one physical handle per page group, or one per range", "group, per_range"),
+    EnvVar("KVCACHED_HANDLE_MODE", _parse_choice("auto", "group", "per_range"), "auto", "one physical handle per page group (host only), one per range, or auto", "auto, group, per_range"),
     # The KV pool.
     EnvVar("KVCACHED_TRIM_IDLE_S", _parse_nonneg_float, 0.5, "seconds without allocation after which the reserve is trimmed", "a number >= 0"),
     EnvVar("KVCACHED_RESERVE_MAX_PAGES", _parse_nonneg_int, 64, "most page groups the background reserve keeps mapped ahead", "an integer >= 0"),
     EnvVar("KVCACHED_RESERVE_MIN_PAGES", _parse_nonneg_int, 1, "page groups the reserve keeps mapped even when idle", "an integer >= 0"),
     EnvVar("KVCACHED_PREFIX_CACHE_MAX", _parse_size, 0, "bytes of freed-but-cached prefix blocks kept (0: unbounded up to the limit)", "a size such as 1GiB, or 0"),
+    # Engine integrations.
+    EnvVar("KVCACHED_VIRTUAL_BYTES", _parse_size, 0, "virtual KV size an engine reports (0: the device's total memory)", "a size such as 80GiB, or 0"),
+    EnvVar("KVCACHED_REQUIRE_CONTROL", _parse_bool, True, "fail engine start when it cannot register in the control plane", "a boolean"),
     # The control plane.
     EnvVar("KVCACHED_SHM_NAME", _parse_str, "", "name of the control segment (default: per user)", "a POSIX shm name without slashes"),
     EnvVar("KVCACHED_ENGINE_NAME", _parse_str, "", "the name this engine registers under (default: its served model)", "a short name"),

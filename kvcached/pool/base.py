@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-__all__ = ["PageMapper", "PoolError", "PoolStats"]
+__all__ = ["PageMapper", "PoolError", "PoolIntegrityError", "PoolStats"]
 
 
 class PageMapper(Protocol):
@@ -36,6 +36,10 @@ class PageMapper(Protocol):
 
 class PoolError(RuntimeError):
     """The pool cannot go on: its background thread or its mapper failed unexpectedly."""
+
+
+class PoolIntegrityError(AssertionError):
+    """An internal invariant of the pool does not hold: a bug, never a user error."""
 
 
 class PoolStats(NamedTuple):

@@ -1,56 +1,40 @@
-"""The elastic block pool: blocks handed out on demand over page groups mapped on demand.
+"""PagePool: KV blocks handed out on demand over page groups mapped on demand.
 
-:class:`PagePool` joins a :class:`~kvcached.pool.allocator.BlockAllocator` (the
-bookkeeping), a :class:`~kvcached.pool.base.PageMapper` (the physical memory), a
-physical limit and the reserve (:mod:`kvcached.pool.reserve`). It knows nothing of
-tensors; :class:`~kvcached.pool.kvpool.KVPool` adds them.
+The engine side of the pool — :meth:`~PagePool.alloc`, :meth:`~PagePool.free` and the
+prefix cache (:meth:`~PagePool.cache`, :meth:`~PagePool.reuse`, :meth:`~PagePool.evict`)
+— over a :class:`~kvcached.pool.keeper.PageKeeper`, which keeps the reserve and the
+limit. It knows nothing of tensors; :class:`~kvcached.pool.kvpool.KVPool` adds them.
 
-Threads: every public method is thread-safe. One lock guards the bookkeeping and is
-never held across a map or unmap: pages are claimed under the lock, mapped or unmapped
-outside it, then published (or put back) under it. The hot path — :meth:`alloc` served
-from free blocks, and :meth:`free` — takes the lock once and makes no system or driver
-call.
+The hot path — ``alloc()`` served from mapped free blocks, and ``free()`` — takes the
+lock once and makes no system or driver call.
 """
 
 from __future__ import annotations
 
 import operator
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from kvcached import envs
-from kvcached.pool.allocator import BlockAllocator, PoolIntegrityError
-from kvcached.pool.base import PageMapper, PoolError, PoolStats
-from kvcached.pool.reserve import ReserveConfig, ReservePolicy, ReserveThread
+from kvcached.pool.base import PageMapper, PoolIntegrityError, PoolStats
+from kvcached.pool.keeper import EvictCallback, PageKeeper, _nonneg
+from kvcached.pool.reserve import ReserveConfig
 
-__all__ = ["PagePool", "EvictCallback"]
+__all__ = ["EvictCallback", "PagePool"]
 
-EvictCallback = Callable[[list[int]], None]
 _DEMAND_WINDOW_S = 1.0
 
 
-class PagePool:
-    """Page-aware KV block pool over a page mapper, with a reserve, a limit and a prefix cache.
+class PagePool(PageKeeper):
+    """Page-aware KV block pool with a reserve, a limit and a prefix cache.
 
     Args:
-        mapper: maps page groups (``kvcached._vmm.Arena`` or a forwarding mapper).
-        num_pages: page groups in the mapper's address space.
-        blocks_per_page: blocks per page group; block ``b`` lives on page ``b // blocks_per_page``.
-        block_bytes: physical bytes of one block (all layers, K and V).
-        num_pinned_blocks: the first blocks, never handed out and always mapped (the
-            engines' null/padding block; reading it must never fault).
-        cache_limit_bytes: most bytes of cached blocks kept; beyond it the least useful are
-            evicted. None: ``KVCACHED_PREFIX_CACHE_MAX`` (0 = no bound but the limit).
-        limit_bytes: the initial physical limit (None: none).
-        reserve: reserve sizing; None: :meth:`ReserveConfig.from_env`.
-        start_thread: run the reserve in a background thread; if False the caller calls
-            :meth:`maintain` itself (tests, benchmarks, engines with their own loop).
-        on_evict: called with the ids of cached blocks the pool evicts (see :meth:`set_on_evict`).
+        cache_limit_bytes: most bytes of cached blocks kept; beyond it the least useful
+            are evicted. None: ``KVCACHED_PREFIX_CACHE_MAX`` (0 = no bound but the limit).
+        Others: as :class:`PageKeeper` (mapper, num_pages, blocks_per_page, block_bytes,
+            num_pinned_blocks, limit_bytes, reserve, start_thread, on_evict).
 
-    Raises:
-        MemoryError: the pinned page could not be mapped.
-        ValueError: a bad size or count.
+    Thread-safe. Raises as :class:`PageKeeper`.
     """
 
     def __init__(
@@ -67,73 +51,54 @@ class PagePool:
         start_thread: bool = True,
         on_evict: EvictCallback | None = None,
     ) -> None:
-        if not isinstance(block_bytes, int) or block_bytes <= 0:
-            raise ValueError(f"block_bytes must be a positive integer, got {block_bytes!r}")
-        self._alloc = BlockAllocator(num_pages, blocks_per_page, num_pinned_blocks)
-        self._mapper = mapper
-        self.num_pages = num_pages
-        self.blocks_per_page = blocks_per_page
-        self.block_bytes = block_bytes
-        self.group_bytes = block_bytes * blocks_per_page
-        self.num_blocks = num_pages * blocks_per_page
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._wake = threading.Event()
-        self._config = reserve if reserve is not None else ReserveConfig.from_env()
-        self._policy = ReservePolicy(self._config, time.monotonic())
-        self._reserve_target = self._config.min_pages
         if cache_limit_bytes is None:
             cache_limit_bytes = envs.get("KVCACHED_PREFIX_CACHE_MAX") or None
-        self._cache_limit_blocks = None if cache_limit_bytes is None else _nonneg(cache_limit_bytes, "cache_limit_bytes") // block_bytes
-        self._limit_bytes: int | None = None
-        self._limit_pages = num_pages
-        self._limit_met = True
-        self._on_met: Callable[[], None] | None = None
-        self._on_evict = on_evict
+        self._cache_limit_bytes = None if cache_limit_bytes is None else _nonneg(cache_limit_bytes, "cache_limit_bytes")
         self._num_denied = 0
         self._num_sync_maps = 0
-        self._num_pages_mapped_total = 0
-        self._num_pages_unmapped_total = 0
         self._demand_cur = self._demand_prev = 0
         self._demand_t0 = time.monotonic()
-        self._thread_error: BaseException | None = None
-        self._closed = False
-        pinned_pages = self._alloc.claim_unmapped(-(-num_pinned_blocks // blocks_per_page))
-        if pinned_pages and not self._map(pinned_pages):
-            raise MemoryError(f"cannot map the pinned page group ({self.group_bytes} bytes)")
-        if limit_bytes is not None:
-            self.set_limit_bytes(limit_bytes)
-        self.maintain()
-        self._thread: ReserveThread | None = None
-        if start_thread:
-            self._thread = ReserveThread(self, self._wake, self._config)
-            self._thread.start()
+        super().__init__(
+            mapper,
+            num_pages=num_pages,
+            blocks_per_page=blocks_per_page,
+            block_bytes=block_bytes,
+            num_pinned_blocks=num_pinned_blocks,
+            limit_bytes=limit_bytes,
+            reserve=reserve,
+            start_thread=start_thread,
+            on_evict=on_evict,
+        )
 
     # -- the hot path --------------------------------------------------------------
 
     def alloc(self, num_blocks: int) -> list[int] | None:
         """Hand out ``num_blocks`` blocks, or None if that is not possible now.
 
-        None means pressure: over the limit, physical memory refused, or capacity
-        exhausted even after evicting cached blocks; the request counts in ``demand_bytes``.
-        Served from mapped free blocks it makes no system call; otherwise it maps on
-        the caller's thread (and may evict cached blocks, calling ``on_evict``).
+        None means pressure — over the limit, physical memory refused, or the capacity
+        exhausted even after evicting cached blocks — and the shortfall counts in
+        ``stats().demand_bytes``. Served from mapped free blocks it makes no system
+        call; otherwise it maps on the caller's thread, and may evict cached blocks
+        (calling ``on_evict``).
 
         Raises:
             ValueError: ``num_blocks`` is not a positive integer.
             PoolError: the pool is closed, or its reserve thread or mapper failed.
         """
-        n = operator.index(num_blocks)
-        if n <= 0:
-            raise ValueError(f"alloc(): num_blocks must be > 0, got {num_blocks!r}")
-        with self._lock:
+        if num_blocks.__class__ is not int or num_blocks <= 0:
+            num_blocks = _positive(num_blocks)
+        lock = self._lock
+        lock.acquire()  # not `with`: on the hot path `with` costs as much again
+        try:
             a = self._alloc
-            if n <= a.num_free and self._limit_met:
-                ids = a.take(n)
-                if a.num_empty_pages < self._reserve_target:
-                    self._wake.set()
+            if num_blocks <= a.num_free and self._limit_met:
+                ids = a.take(num_blocks)
+                if a.num_empty_pages < self._reserve_target and not self._wake.is_set():
+                    self._wake.set()  # the reserve ran low: a syscall at most once per reserve round
                 return ids
-        return self._alloc_slow(n)
+        finally:
+            lock.release()
+        return self._alloc_slow(num_blocks)
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Return used or cached blocks (a list of ids); their pages stay mapped until trimmed.
@@ -142,13 +107,17 @@ class PagePool:
             ValueError: an id is unknown, pinned, not in use (double free) or repeated;
                 nothing changed.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self._alloc.free(block_ids)
+        finally:
+            lock.release()
 
     # -- cached (prefix) blocks --------------------------------------------------------
 
     def cache(self, block_ids: Sequence[int]) -> None:
-        """Keep used blocks as evictable cache (the engine keeps their contents' hashes).
+        """Keep used blocks as evictable cache (their contents stay until evicted).
 
         May evict older cached blocks (calling ``on_evict``) to stay under the cache bound.
 
@@ -158,9 +127,10 @@ class PagePool:
         with self._lock:
             a = self._alloc
             a.cache(block_ids)
-            limit = self._cache_limit_blocks
-            if limit is not None and a.num_cached > limit:
-                self._evict_locked(a.num_cached - limit)
+            if self._cache_limit_bytes is not None:
+                excess = a.num_cached - self._cache_limit_bytes // self.block_bytes
+                if excess > 0:
+                    self._evict_locked(excess)
 
     def reuse(self, block_ids: Sequence[int]) -> bool:
         """Take cached blocks back into use (a prefix hit); False, and no change, if any
@@ -173,109 +143,26 @@ class PagePool:
             return self._alloc.reuse(block_ids)
 
     def evict(self, num_blocks: int) -> list[int]:
-        """Evict up to ``num_blocks`` cached blocks, page-aware (blocks whose eviction
-        empties a page first, least recently cached first); return their ids.
-        ``on_evict`` is called with them too."""
+        """Evict up to ``num_blocks`` cached blocks, page-aware (first those whose
+        eviction empties a page, least recently cached first); return their ids, which
+        ``on_evict`` gets too."""
         with self._lock:
             return self._evict_locked(operator.index(num_blocks))
 
     def set_on_evict(self, callback: EvictCallback | None) -> None:
-        """Set the eviction callback. It is called with the pool's lock held, on the
-        thread that evicted (the caller of :meth:`alloc`/:meth:`cache`/:meth:`evict`, or
-        the thread applying a limit), before the ids can be handed out again; it must
-        be quick and must not call the pool."""
+        """Set the eviction callback. It runs with the pool's lock held, on the thread
+        that evicted (the caller of ``alloc``/``cache``/``evict``/``set_limit_bytes``, or
+        the reserve thread applying a limit), before the ids can be handed out again; it
+        must be quick and must not call the pool."""
         with self._lock:
             self._on_evict = callback
-
-    # -- the limit ---------------------------------------------------------------------
-
-    def set_limit_bytes(self, limit_bytes: int | None, on_met: Callable[[], None] | None = None) -> bool:
-        """Set the physical limit (None: none) and apply it now.
-
-        Lowering it unmaps empty page groups, then evicts cached blocks of pages with
-        no used block and unmaps those; while live blocks keep the pool over the limit
-        :meth:`alloc` returns None, and the reserve thread keeps returning pages as
-        they empty. Never maps beyond the limit. The pinned page group always stays,
-        so a limit under one page group is never met.
-
-        Args:
-            on_met: called once, without the lock, when the limit is met (perhaps
-                before this returns); replaces a pending one.
-
-        Returns:
-            Whether the limit is met now.
-
-        Raises:
-            ValueError: a negative or non-integer limit; nothing changed.
-        """
-        if limit_bytes is not None:
-            limit_bytes = _nonneg(limit_bytes, "limit_bytes")
-        with self._lock:
-            self._limit_bytes = limit_bytes
-            self._limit_pages = self.num_pages if limit_bytes is None else min(limit_bytes // self.group_bytes, self.num_pages)
-            self._on_met = on_met
-            pages = self._claim_over_limit_locked()
-            self._refresh_limit_locked()
-        if pages:
-            self._unmap(pages)
-        self._fire_met()
-        return self.limit_met
-
-    @property
-    def limit_met(self) -> bool:
-        """Whether the pool holds no more physical memory than its limit."""
-        return self._limit_met
-
-    @property
-    def limit_bytes(self) -> int | None:
-        return self._limit_bytes
-
-    # -- maintenance -------------------------------------------------------------------
-
-    def maintain(self, now: float | None = None) -> bool:
-        """One round of background work: size the reserve from the draw rate, map or
-        trim empty page groups, apply the limit. The reserve thread calls it; call it
-        yourself if the pool was made with ``start_thread=False``.
-
-        Returns:
-            Whether the pool is busy (allocations recently, or work done): the thread
-            then comes back sooner.
-        """
-        a = self._alloc
-        with self._lock:
-            if self._closed:
-                return False
-            plan = self._policy.plan(time.monotonic() if now is None else now, a.num_reserve_draws, a.num_allocs)
-            self._reserve_target = plan.target_pages
-            pages = self._claim_over_limit_locked()
-            if not pages and a.num_empty_pages > plan.keep_pages:
-                pages = a.claim_empty(a.num_empty_pages - plan.keep_pages)
-            self._refresh_limit_locked()
-        busy = bool(pages)
-        if pages:
-            self._unmap(pages)
-        while True:
-            with self._lock:
-                want = plan.target_pages - a.num_empty_pages - a.num_mapping_pages
-                room = self._limit_pages - a.num_held_pages
-                count = min(want, room, self._config.map_batch_pages)
-                if self._closed or count <= 0:
-                    break
-                pages = a.claim_unmapped(count)
-                self._refresh_limit_locked()
-            if not pages or not self._map(pages):
-                break
-            busy = True
-        self._fire_met()
-        return busy or not plan.idle
 
     # -- reporting ---------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
         """A consistent snapshot (taken under the lock)."""
         with self._lock:
-            a = self._alloc
-            bb = self.block_bytes
+            a, bb = self._alloc, self.block_bytes
             self._roll_demand(time.monotonic())
             return PoolStats(
                 used_bytes=a.num_used * bb,
@@ -306,7 +193,7 @@ class PagePool:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks :meth:`alloc` can hand out without mapping (free on mapped pages)."""
+        """Blocks ``alloc()`` can hand out without mapping (free on mapped pages)."""
         return self._alloc.num_free
 
     @property
@@ -314,38 +201,19 @@ class PagePool:
         return self._alloc.num_cached
 
     def check_integrity(self) -> None:
-        """Verify the bookkeeping and, when no map/unmap is in flight, that it agrees
-        with the mapper's ``mapped_bytes``. Raises :class:`PoolIntegrityError`."""
+        """As :meth:`PageKeeper.check_integrity`, and the cache bound holds."""
+        super().check_integrity()
         with self._lock:
-            self._raise_if_unusable(closed_ok=True)
-            a = self._alloc
-            a.check_integrity()
-            if a.num_mapping_pages == a.num_unmapping_pages == 0 and not self._closed:
-                mapped = a.num_mapped_pages * self.group_bytes
-                if self._mapper.mapped_bytes != mapped:
-                    raise PoolIntegrityError(f"mapper maps {self._mapper.mapped_bytes} bytes, pool counts {mapped}")
-                blocks = a.num_used + a.num_cached + a.num_free + a.num_pinned_blocks
-                if blocks * self.block_bytes != mapped:
-                    raise PoolIntegrityError(f"{blocks} blocks accounted on {a.num_mapped_pages} mapped pages")
-            if self._limit_met != (a.num_held_pages <= self._limit_pages):
-                raise PoolIntegrityError("limit_met flag stale")
-            if self._cache_limit_blocks is not None and a.num_cached > self._cache_limit_blocks:
+            limit = self._cache_limit_bytes
+            if limit is not None and self._alloc.num_cached * self.block_bytes > limit:
                 raise PoolIntegrityError("cached blocks over the cache bound")
-
-    def close(self) -> None:
-        """Stop the reserve thread; later calls to :meth:`alloc` raise. Idempotent.
-        Subclasses release the memory (the mapper is not touched here)."""
-        with self._lock:
-            self._closed = True
-            self._limit_met = False  # sends alloc() to the slow path, which raises
-        if self._thread is not None:
-            self._thread.stop()
 
     # -- internals -----------------------------------------------------------------------
 
     def _alloc_slow(self, n: int) -> list[int] | None:
+        """Free blocks first, then new pages within the limit, then evicted cached blocks."""
         a, bpp = self._alloc, self.blocks_per_page
-        for _ in range(8):
+        for _ in range(8):  # others may take what this thread mapped: try again
             with self._cond:
                 self._raise_if_unusable()
                 if not self._limit_met:
@@ -382,11 +250,11 @@ class PagePool:
 
     def _take_locked(self, n: int) -> list[int]:
         ids = self._alloc.take(n)
-        if self._alloc.num_empty_pages < self._reserve_target:
+        if self._alloc.num_empty_pages < self._reserve_target and not self._wake.is_set():
             self._wake.set()
         return ids
 
-    def _deny_locked(self, short_blocks: int) -> None:
+    def _deny_locked(self, short_blocks: int) -> list[int] | None:
         self._num_denied += 1
         self._roll_demand(time.monotonic())
         self._demand_cur = max(self._demand_cur, max(short_blocks, 1) * self.block_bytes)
@@ -394,91 +262,19 @@ class PagePool:
         return None
 
     def _roll_demand(self, now: float) -> None:
+        """demand_bytes: the largest shortfall seen in this window or the last one."""
         elapsed = now - self._demand_t0
         if elapsed >= _DEMAND_WINDOW_S:
             self._demand_prev = self._demand_cur if elapsed < 2 * _DEMAND_WINDOW_S else 0
             self._demand_cur = 0
             self._demand_t0 = now
 
-    def _evict_locked(self, num_blocks: int) -> list[int]:
-        victims = self._alloc.evict(num_blocks)
-        if victims and self._on_evict is not None:
-            self._on_evict(victims)
-        return victims
 
-    def _claim_over_limit_locked(self) -> list[int]:
-        """Claim empty pages to unmap until under the limit, evicting cache-only pages if needed."""
-        a = self._alloc
-        excess = a.num_mapped_pages + a.num_mapping_pages - self._limit_pages
-        if excess <= 0:
-            return []
-        pages = a.claim_empty(excess)
-        excess -= len(pages)
-        if excess > 0 and a.num_cached:
-            victims = a.evict_pages(excess)
-            if victims:
-                if self._on_evict is not None:
-                    self._on_evict(victims)
-                pages += a.claim_empty(excess)
-        return pages
-
-    def _refresh_limit_locked(self) -> None:
-        self._limit_met = not self._closed and self._alloc.num_held_pages <= self._limit_pages
-
-    def _fire_met(self) -> None:
-        with self._lock:
-            callback = self._on_met if self._limit_met else None
-            if callback is not None:
-                self._on_met = None
-        if callback is not None:
-            callback()
-
-    def _map(self, pages: list[int]) -> bool:
-        """Map claimed pages outside the lock and publish them; False if memory was refused."""
-        try:
-            self._mapper.map(pages)
-        except BaseException as exc:
-            with self._cond:
-                self._alloc.abandon(pages)
-                self._refresh_limit_locked()
-                self._cond.notify_all()
-            if isinstance(exc, MemoryError):
-                return False
-            raise
-        with self._cond:
-            self._alloc.publish(pages)
-            self._num_pages_mapped_total += len(pages)
-            self._refresh_limit_locked()
-            self._cond.notify_all()
-        return True
-
-    def _unmap(self, pages: list[int]) -> None:
-        try:
-            self._mapper.unmap(pages)
-        except BaseException:
-            with self._cond:
-                self._alloc.restore(pages)
-                self._refresh_limit_locked()
-                self._cond.notify_all()
-            raise
-        with self._cond:
-            self._alloc.retire(pages)
-            self._num_pages_unmapped_total += len(pages)
-            self._refresh_limit_locked()
-            self._cond.notify_all()
-
-    def _raise_if_unusable(self, closed_ok: bool = False) -> None:
-        if self._closed and not closed_ok:
-            raise PoolError("the pool is closed")
-        if self._thread_error is not None:
-            raise PoolError(f"the reserve thread failed: {self._thread_error!r}") from self._thread_error
-
-    def _thread_failed(self, exc: BaseException) -> None:
-        with self._lock:
-            self._thread_error = exc
-
-
-def _nonneg(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (bytes), got {value!r}")
-    return value
+def _positive(num_blocks: object) -> int:
+    try:
+        n = operator.index(num_blocks)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"alloc(): num_blocks must be a positive integer, got {num_blocks!r}") from None
+    if n <= 0:
+        raise ValueError(f"alloc(): num_blocks must be > 0, got {num_blocks!r}")
+    return n

@@ -7,7 +7,7 @@ clamped to ``[min_pages, max_pages]``. Empty pages beyond twice that target (plu
 are returned; once no allocation has happened for ``trim_idle_s`` the reserve is cut to
 ``min_pages`` at once.
 
-:class:`ReserveThread` runs a pool's :meth:`~kvcached.pool.pagepool.PagePool.maintain`
+:class:`ReserveThread` runs a pool's :meth:`~kvcached.pool.keeper.PageKeeper.maintain`
 every ``tick_s`` (``idle_tick_s`` when nothing is happening), or sooner when the pool
 signals that the reserve ran low. It holds the pool weakly, so a pool nobody
 references is collected and its thread ends.
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from kvcached import envs
 
 if TYPE_CHECKING:
-    from kvcached.pool.pagepool import PagePool
+    from kvcached.pool.keeper import PageKeeper
 
 __all__ = ["ReserveConfig", "ReservePlan", "ReservePolicy", "ReserveThread"]
 
@@ -106,7 +106,7 @@ class ReservePolicy:
 class ReserveThread:
     """A daemon thread calling ``pool.maintain()`` until stopped or the pool is gone."""
 
-    def __init__(self, pool: PagePool, wake: threading.Event, config: ReserveConfig) -> None:
+    def __init__(self, pool: PageKeeper, wake: threading.Event, config: ReserveConfig) -> None:
         self._pool_ref = weakref.ref(pool)
         self._wake = wake
         self._stop = threading.Event()
@@ -135,7 +135,7 @@ class ReserveThread:
             self._wake.clear()
             try:
                 busy = pool.maintain()
-            except Exception as exc:  # noqa: BLE001 - handed to the pool, raised on its next call
+            except Exception as exc:
                 _log.error("kvcached reserve thread stopped: %r", exc)
                 pool._thread_failed(exc)
                 return

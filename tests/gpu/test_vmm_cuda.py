@@ -40,3 +40,7 @@ def test_live_pages_keep_data_and_pointers_across_remaps():
 
 def test_out_of_memory_at_the_real_device_limit_is_the_specific_exception():
     assert "OutOfMemoryError" in run_scenario("oom_at_the_device_limit_is_specific")
+
+
+def test_auto_handle_mode_uses_per_range_handles_and_group_is_refused():
+    assert "refused as expected" in run_scenario("handle_modes_on_cuda")

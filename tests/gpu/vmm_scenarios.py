@@ -95,6 +95,23 @@ def oom_at_the_device_limit_is_specific() -> None:
     arena.close()
 
 
+def handle_modes_on_cuda() -> None:
+    backend = vmm.make_backend("cuda", 0)
+    try:
+        vmm.Arena(backend, 2, 4 * PAGE, PAGE, "group")
+    except ValueError as exc:
+        print(f"group mode refused as expected: {exc}")
+    else:
+        raise AssertionError("group mode with 2 ranges should be refused on CUDA")
+    arena = vmm.Arena(backend, 2, 4 * PAGE, PAGE)
+    assert arena.handle_mode == "per_range"
+    arena.map([0, 1])
+    arena.close()
+    single = vmm.Arena(backend, 1, 4 * PAGE, PAGE, "group")
+    single.map([0])
+    single.close()
+
+
 def raw_driver_floor() -> None:
     backend = vmm.make_backend("cuda", 0)
     import statistics

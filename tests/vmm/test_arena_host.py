@@ -235,3 +235,9 @@ def test_backend_status_names_both_backends():
     status = _vmm.backend_status()
     assert status["host"] == "ok"
     assert status.get("cuda")
+
+
+def test_auto_handle_mode_is_group_on_the_host(backend):
+    arena = _vmm.Arena(backend, num_ranges=3, range_bytes=2 * PAGE, page_bytes=PAGE)
+    assert arena.handle_mode == "group"
+    assert _vmm.Arena(backend, 3, 2 * PAGE, PAGE, "per_range").handle_mode == "per_range"

@@ -1,0 +1,90 @@
+"""The engine versions kvcached supports, stated once.
+
+Patches check the running engine against these ranges at start (and fail loudly outside
+them); ``kvctl doctor`` checks the installed ones. Reading a version here never imports
+the engine: ``importlib.metadata`` reads the installed distribution's metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import metadata
+
+__all__ = ["SUPPORTED", "EngineVersion", "VersionRange", "check_installed", "installed_version", "parse_version"]
+
+_RELEASE_RE = re.compile(r"^\s*v?(\d+(?:\.\d+)*)")
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """The release numbers of a version string: ``"0.26.0+cu128"`` → ``(0, 26, 0)``.
+
+    Pre-release and local suffixes are dropped, so ``0.21.0rc1`` counts as ``0.21.0``.
+
+    Raises:
+        ValueError: no leading release number.
+    """
+    match = _RELEASE_RE.match(text)
+    if not match:
+        raise ValueError(f"cannot read a version number from {text!r}")
+    numbers = [int(part) for part in match.group(1).split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()  # 0.5 == 0.5.0
+    return tuple(numbers)
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """Inclusive range ``[low, high]`` of release versions."""
+
+    low: str
+    high: str
+
+    def __contains__(self, version: object) -> bool:
+        if not isinstance(version, str):
+            return False
+        try:
+            release = parse_version(version)
+        except ValueError:
+            return False
+        return parse_version(self.low) <= release <= parse_version(self.high)
+
+    def __str__(self) -> str:
+        return f"{self.low}–{self.high}"
+
+
+SUPPORTED: dict[str, VersionRange] = {
+    "vllm": VersionRange("0.26.0", "0.33.0"),
+    "sglang": VersionRange("0.5.11", "0.5.23"),
+}
+
+
+@dataclass(frozen=True)
+class EngineVersion:
+    """What is installed of one engine. ``version`` None: not installed."""
+
+    engine: str
+    version: str | None
+    supported: VersionRange
+
+    @property
+    def installed(self) -> bool:
+        return self.version is not None
+
+    @property
+    def ok(self) -> bool:
+        """Installed and inside the supported range."""
+        return self.version is not None and self.version in self.supported
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, or None if it is not installed."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_installed() -> list[EngineVersion]:
+    """Each supported engine with its installed version (None if absent)."""
+    return [EngineVersion(name, installed_version(name), span) for name, span in SUPPORTED.items()]

@@ -1,0 +1,124 @@
+"""vLLM with kvcached: activated by the import hook, no engine changes.
+
+:func:`activate` runs when ``vllm`` is imported in a process where ``ENABLE_KVCACHED`` is
+true. It checks the version (an unsupported one stops the engine, naming the supported
+range) and arms one patch per module, each applied the moment vLLM's module finishes
+importing:
+
+===============================================  ==============================================
+``vllm.v1.core.kv_cache_coordinator``             ``BlockPool`` → :class:`ElasticBlockPool`
+``vllm.v1.core.sched.scheduler``                  one scheduler step holds the pool's lock
+``vllm.v1.worker.gpu_model_runner``               KV bytes from a kvcached arena (V1 runner)
+``vllm.v1.worker.gpu.attn_utils``                 the same for Model Runner V2
+``vllm.v1.worker.gpu_worker``                     start-up memory, sleep / wake-up
+===============================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any
+
+from kvcached.integrations.hooks import when_imported
+from kvcached.integrations.versions import SUPPORTED, parse_version
+
+__all__ = ["activate", "patch_block_pool_module"]
+
+
+def activate(vllm: ModuleType) -> None:
+    """Arm the vLLM patches.
+
+    Raises:
+        RuntimeError: this vLLM version is outside the supported range.
+    """
+    version = getattr(vllm, "__version__", "unknown")
+    supported = SUPPORTED["vllm"]
+    if version not in supported:
+        raise RuntimeError(
+            f"kvcached supports vLLM {supported}, found {version}; "
+            "install a supported vLLM or unset ENABLE_KVCACHED to run without kvcached"
+        )
+    release = parse_version(version)
+    when_imported("vllm.v1.core.kv_cache_coordinator", _patch_coordinator)
+    when_imported("vllm.v1.core.sched.scheduler", _patch_scheduler)
+    when_imported("vllm.v1.worker.gpu_worker", _patch_gpu_worker)
+    when_imported("vllm.v1.worker.gpu.model_runner", _patch_mrv2_runner)
+    if release < (0, 29):
+        when_imported("vllm.v1.worker.gpu_model_runner", _patch_runner_026)
+        when_imported("vllm.v1.worker.gpu.attn_utils", _patch_mrv2_026)
+    else:
+        when_imported("vllm.v1.worker.gpu_model_runner", _patch_runner_029)
+        when_imported("vllm.v1.worker.gpu.attn_utils", _patch_mrv2_029)
+
+
+def patch_block_pool_module(module: ModuleType) -> None:
+    """Also replace ``vllm.v1.core.block_pool.BlockPool`` itself, so code that builds the
+    pool directly (vLLM's own unit tests) gets the elastic one. Not done in engines: other
+    pools (CPU offload) subclass or build ``BlockPool`` and must stay as they are."""
+    from kvcached.integrations.vllm.block_pool import ElasticBlockPool
+
+    module.BlockPool = ElasticBlockPool  # type: ignore[attr-defined]
+
+
+def _patch_coordinator(module: ModuleType) -> None:
+    from kvcached.integrations.vllm.block_pool import ElasticBlockPool
+
+    module.BlockPool = ElasticBlockPool  # type: ignore[attr-defined]
+
+
+def _patch_scheduler(module: ModuleType) -> None:
+    scheduler_cls = module.Scheduler
+    original = scheduler_cls.schedule
+
+    @functools.wraps(original)
+    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lock = getattr(getattr(self.kv_cache_manager, "block_pool", None), "kv_lock", None)
+        if lock is None:
+            return original(self, *args, **kwargs)
+        with lock:
+            return original(self, *args, **kwargs)
+
+    scheduler_cls.schedule = schedule
+
+
+def _patch_gpu_worker(module: ModuleType) -> None:
+    from kvcached.integrations.vllm.worker import patch_worker
+
+    patch_worker(module)
+
+
+def _patch_runner_026(module: ModuleType) -> None:
+    from kvcached.integrations.vllm.worker import patch_allocation_method, patch_runner_init
+
+    patch_runner_init(module.GPUModelRunner)
+    patch_allocation_method(module.GPUModelRunner, "_allocate_kv_cache_tensors", module)
+
+
+def _patch_mrv2_026(module: ModuleType) -> None:
+    from kvcached.integrations.vllm.worker import patch_allocation_function
+
+    patch_allocation_function(module, "_allocate_kv_cache", module)
+
+
+def _patch_runner_029(module: ModuleType) -> None:
+    import vllm.v1.worker.utils as worker_utils
+
+    from kvcached.integrations.vllm.worker import patch_allocation_function, patch_runner_init
+
+    patch_runner_init(module.GPUModelRunner)
+    patch_allocation_function(module, "allocate_kv_cache", worker_utils)
+
+
+def _patch_mrv2_029(module: ModuleType) -> None:
+    import vllm.v1.worker.utils as worker_utils
+
+    from kvcached.integrations.vllm.worker import patch_allocation_function
+
+    patch_allocation_function(module, "allocate_kv_cache", worker_utils)
+
+
+def _patch_mrv2_runner(module: ModuleType) -> None:
+    from kvcached.integrations.vllm.worker import patch_runner_init
+
+    patch_runner_init(module.GPUModelRunner)

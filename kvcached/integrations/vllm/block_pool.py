@@ -1,0 +1,155 @@
+"""``ElasticBlockPool``: vLLM's block pool with physical memory only under live blocks.
+
+A subclass of the engine's own ``BlockPool`` (``super().__init__`` keeps ``blocks``,
+the free queue, the prefix-cache maps and the null block exactly as vLLM builds them),
+so vLLM still chooses every block id; :class:`~kvcached.integrations.vllm.pages.VllmPages`
+maps the page group under a block before vLLM hands it out and returns page groups
+whose blocks are all free.
+
+Capacity is reported through ``get_num_free_blocks()``: vLLM's count, capped by what the
+limit (and the GPU budget) lets us map. ``KVCacheManager.allocate_slots`` compares it
+with what a request needs and answers ``None`` — the request waits — instead of calling
+``get_new_blocks`` beyond it, so pressure is never an exception in the engine.
+
+Imported only after ``vllm.v1.core.block_pool`` exists (by the post-import hook).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from vllm.v1.core.block_pool import BlockPool
+
+from kvcached.integrations.vllm import runtime
+from kvcached.integrations.vllm.pages import CACHED, FREE, USED, VllmPages
+
+__all__ = ["ElasticBlockPool"]
+
+_MAX_DEFERS = 8
+
+
+class ElasticBlockPool(BlockPool):
+    """vLLM's ``BlockPool`` over on-demand mapped memory; same constructor, same methods."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kv: VllmPages = runtime.make_pages(self.num_gpu_blocks, evict_cached=self._evict_cached)
+        self.kv_lock = self.kv.lock
+
+    # -- capacity -------------------------------------------------------------------
+
+    def get_num_free_blocks(self) -> int:
+        with self.kv_lock:
+            kv = self.kv
+            return min(super().get_num_free_blocks(), kv.num_blocks_on_mapped_pages() + kv.num_mappable_blocks())
+
+    # -- blocks changing hands ------------------------------------------------------------
+
+    def get_new_blocks(self, num_blocks: int) -> list[Any]:
+        with self.kv_lock:
+            if num_blocks > self.get_num_free_blocks():
+                raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
+            kv = self.kv
+            for _ in range(_MAX_DEFERS):
+                upcoming = self._peek(num_blocks)
+                pages = kv.pages_of(b.block_id for b in upcoming)
+                if not pages or kv.ensure_mapped(pages):
+                    break
+                # The limit or the device refused: let blocks on mapped pages go first.
+                self._defer_unmapped(upcoming)
+            else:
+                raise ValueError(
+                    f"kvcached: cannot map memory for {num_blocks} blocks (limit {kv.limit_bytes}, "
+                    "GPU budget or device full); this is a bug in the capacity estimate"
+                )
+            blocks = super().get_new_blocks(num_blocks)
+            kv.set_states((b.block_id for b in blocks), USED)
+            kv.want_prefetch(b.block_id for b in self._peek(kv.blocks_per_page * max(1, kv.reserve_pages)))
+            return blocks
+
+    def touch(self, blocks: Sequence[Any]) -> None:
+        with self.kv_lock:
+            super().touch(blocks)
+            self._resync(blocks)
+
+    def free_blocks(self, ordered_blocks: Iterable[Any]) -> None:
+        with self.kv_lock:
+            blocks = list(ordered_blocks)
+            super().free_blocks(blocks)
+            self._resync(blocks)
+            if not self.kv.limit_met:
+                self.kv.set_limit_bytes(self.kv.limit_bytes)
+
+    def evict_blocks(self, block_ids: set[int]) -> None:
+        with self.kv_lock:
+            super().evict_blocks(block_ids)
+            self._resync(self.blocks[i] for i in block_ids)
+
+    def reset_prefix_cache(self) -> bool:
+        with self.kv_lock:
+            ok = super().reset_prefix_cache()
+            if ok:
+                self._resync(self.blocks)
+            return ok
+
+    # Everything else that reads or writes the prefix-cache maps runs under the lock,
+    # so an eviction for a limit (from the control thread) never interleaves with it.
+
+    def get_cached_block(self, *args: Any, **kwargs: Any) -> Any:
+        with self.kv_lock:
+            return super().get_cached_block(*args, **kwargs)
+
+    def cache_full_blocks(self, *args: Any, **kwargs: Any) -> None:
+        with self.kv_lock:
+            super().cache_full_blocks(*args, **kwargs)
+
+    def unpin_blocks(self, blocks: Iterable[Any], *args: Any, **kwargs: Any) -> None:
+        with self.kv_lock:
+            blocks = list(blocks)
+            super().unpin_blocks(blocks, *args, **kwargs)  # type: ignore[misc]
+            self._resync(blocks)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _peek(self, n: int) -> list[Any]:
+        """The first ``n`` blocks of vLLM's free queue: the ones it will hand out next."""
+        queue = self.free_block_queue
+        tail = queue.fake_free_list_tail
+        out = []
+        block = queue.fake_free_list_head.next_free_block
+        while block is not None and block is not tail and len(out) < n:
+            out.append(block)
+            block = block.next_free_block
+        return out
+
+    def _defer_unmapped(self, upcoming: list[Any]) -> None:
+        kv, queue = self.kv, self.free_block_queue
+        unmapped = set(kv.pages_of(b.block_id for b in upcoming))
+        for block in upcoming:
+            if block.block_id // kv.blocks_per_page in unmapped:
+                queue.remove(block)
+                queue.append(block)
+
+    def _state_of(self, block: Any) -> int:
+        if block.ref_cnt > 0:
+            return USED
+        if block.block_hash is not None or block.block_id in getattr(self, "_reuse_watchers", ()):
+            return CACHED
+        return FREE
+
+    def _resync(self, blocks: Iterable[Any]) -> None:
+        kv = self.kv
+        for block in blocks:
+            if block.is_null or block.block_id >= self.num_gpu_blocks or self.blocks[block.block_id] is not block:
+                continue  # the null block, or a block of another pool
+            kv.set_states((block.block_id,), self._state_of(block))
+
+    def _evict_cached(self, block_ids: list[int]) -> None:
+        # Called by VllmPages under kv_lock when a limit needs these blocks' pages.
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_cnt == 0:
+                self._maybe_evict_cached_block(block)
+                getattr(self, "_reuse_watchers", {}).pop(block_id, None)
+        self._resync(self.blocks[i] for i in block_ids)

@@ -1,0 +1,388 @@
+"""Page bookkeeping for a vLLM block pool whose block choice stays vLLM's.
+
+vLLM's ``BlockPool`` decides which block ids to hand out (its free queue: freed blocks
+without a hash first, then never-used blocks in id order, then cached blocks least
+recently used first); its own tests pin that order down. :class:`VllmPages` leaves the
+choice alone and keeps physical memory under exactly the blocks that need it:
+
+* a block is *used* (``ref_cnt > 0``), *cached* (free in vLLM's eyes but holding a
+  prefix-cache hash, so its contents must stay) or *free*;
+* a page group is mapped before any of its blocks is handed out, and unmapped once all
+  its blocks are free and it stayed so for ``trim_idle_s`` (keeping ``reserve_pages``
+  empty page groups mapped ahead);
+* a limit (``set_limit_bytes``) is never exceeded: lowering it unmaps empty page groups
+  and asks the block pool to evict cached blocks on pages with no used block.
+
+Pages the scheduler is about to need (the head of vLLM's free queue) are mapped ahead
+by a background thread, so allocation rarely waits for the driver.
+
+Thread safety: one ``RLock`` (:attr:`lock`) guards the bookkeeping and is also the lock
+the block pool and the scheduler step hold, so eviction never interleaves with a
+prefix-cache lookup. Driver calls for prefetch and trim run outside it, on pages marked
+``MAPPING``/``UNMAPPING`` that nobody else touches meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+
+from kvcached.pool.base import PageMapper, PoolStats
+
+__all__ = ["FREE", "CACHED", "USED", "VllmPages"]
+
+FREE, USED, CACHED = 0, 1, 2
+_UNMAPPED, _MAPPING, _MAPPED, _UNMAPPING = 0, 1, 2, 3
+
+
+class VllmPages:
+    """Which page groups hold used or cached blocks, and their mapping.
+
+    Args:
+        mapper: maps page groups (a ``kvcached._vmm.Arena``).
+        num_blocks: vLLM's ``num_gpu_blocks``; block 0 (vLLM's null block) is pinned.
+        blocks_per_page: blocks in one page of each range.
+        block_bytes: physical bytes of one block across all ranges.
+        evict_cached: called under :attr:`lock` with block ids whose prefix-cache entries
+            must go (the limit needs their pages); it must turn them into free blocks.
+        trim_idle_s: how long a page group stays empty before it is unmapped.
+        reserve_pages: empty page groups kept mapped ahead of demand.
+        start_thread: run the prefetch/trim thread (tests may drive :meth:`maintain`).
+    """
+
+    def __init__(
+        self,
+        mapper: PageMapper,
+        *,
+        num_blocks: int,
+        blocks_per_page: int,
+        block_bytes: int,
+        evict_cached: Callable[[list[int]], None] | None = None,
+        trim_idle_s: float = 0.5,
+        reserve_pages: int = 1,
+        start_thread: bool = True,
+    ) -> None:
+        if num_blocks <= 0 or blocks_per_page <= 0 or block_bytes <= 0:
+            raise ValueError(
+                f"num_blocks, blocks_per_page and block_bytes must be > 0, got {num_blocks}, {blocks_per_page}, {block_bytes}"
+            )
+        self.mapper = mapper
+        self.lock = threading.RLock()
+        self._cond = threading.Condition(self.lock)
+        self.num_blocks = num_blocks
+        self.blocks_per_page = blocks_per_page
+        self.block_bytes = block_bytes
+        self.group_bytes = block_bytes * blocks_per_page
+        self.num_pages = -(-num_blocks // blocks_per_page)
+        self.evict_cached = evict_cached
+        self.trim_idle_s = trim_idle_s
+        self.reserve_pages = reserve_pages
+        self._state = bytearray(num_blocks)
+        self._page = bytearray(self.num_pages)  # mapping state
+        self._held = [0] * self.num_pages  # used + cached blocks per page
+        self._cached = [0] * self.num_pages
+        self._empty_since: dict[int, float] = {}  # mapped pages with no held block
+        self._prefetch: list[int] = []
+        self._num_used = self._num_cached = self._num_mapped = 0
+        self._limit_pages = self.num_pages
+        self._limit_bytes: int | None = None
+        self._num_denied = self._num_sync_maps = self._num_evicted = 0
+        self._num_mapped_total = self._num_unmapped_total = 0
+        self._demand_bytes = 0
+        self._closed = False
+        self._wake = threading.Event()
+        self._suspended = False
+        self._limit_pages_saved = self._limit_pages
+        # The null block is used forever: its page never empties. The worker may have
+        # mapped page group 0 already (CUDA graph capture reads the null block).
+        if getattr(mapper, "is_mapped", None) is not None and mapper.is_mapped(0):
+            self._page[0] = _MAPPED
+            self._num_mapped = 1
+        else:
+            self._map_now([0])
+        self._set_states([0], USED)
+        self._thread: threading.Thread | None = None
+        if start_thread:
+            self._thread = threading.Thread(
+                target=_run, args=(weakref.ref(self), self._wake), name="kvcached-vllm-pages", daemon=True
+            )
+            self._thread.start()
+
+    # -- what the block pool calls (under self.lock) -------------------------------
+
+    def pages_of(self, block_ids: Iterable[int]) -> list[int]:
+        """Distinct page groups of ``block_ids`` that are not mapped, in id order."""
+        bpp, page = self.blocks_per_page, self._page
+        return sorted({b // bpp for b in block_ids if page[b // bpp] != _MAPPED})
+
+    def room_pages(self) -> int:
+        """Page groups that may still be mapped under the limit."""
+        return max(0, self._limit_pages - self._num_mapped)
+
+    def num_mappable_blocks(self) -> int:
+        """Free blocks on unmapped pages that the limit allows to map, roughly."""
+        unmapped_pages = self.num_pages - self._num_mapped
+        return min(unmapped_pages, self.room_pages()) * self.blocks_per_page
+
+    def num_blocks_on_mapped_pages(self) -> int:
+        """Free and cached blocks on mapped page groups (no mapping needed to use them)."""
+        return self._num_mapped * self.blocks_per_page - self._num_used - self._tail_blocks_on_mapped()
+
+    def ensure_mapped(self, pages: Sequence[int]) -> bool:
+        """Map ``pages`` (waiting for any the prefetch thread is mapping). False, with
+        nothing new mapped, when the limit or the device refuses."""
+        pages = [p for p in pages if self._page[p] != _MAPPED]
+        while any(self._page[p] in (_MAPPING, _UNMAPPING) for p in pages):
+            self._cond.wait(0.05)
+            pages = [p for p in pages if self._page[p] != _MAPPED]
+        if not pages:
+            return True
+        if len(pages) > self.room_pages():
+            self._deny(len(pages) * self.group_bytes)
+            return False
+        try:
+            self._map_now(pages)
+        except MemoryError:
+            self._deny(len(pages) * self.group_bytes)
+            return False
+        self._num_sync_maps += 1
+        return True
+
+    def set_states(self, block_ids: Iterable[int], state: int) -> None:
+        """Record that ``block_ids`` are now ``state`` (FREE, USED or CACHED)."""
+        self._set_states(block_ids, state)
+
+    def want_prefetch(self, upcoming_block_ids: Iterable[int]) -> None:
+        """Ask the thread to map the pages of blocks the scheduler will likely take next."""
+        pages = self.pages_of(upcoming_block_ids)[: max(1, self.reserve_pages)]
+        pages = [p for p in pages if self._page[p] == _UNMAPPED]
+        if pages:
+            self._prefetch = pages
+            self._wake.set()
+
+    # -- the limit and reporting (the control plane's view of a pool) ---------------
+
+    def set_limit_bytes(self, limit_bytes: int | None) -> bool:
+        """Set the physical limit (None: none) and apply it now. Returns whether it is met.
+
+        Raises:
+            ValueError: a negative limit; nothing changed.
+        """
+        if limit_bytes is not None and (not isinstance(limit_bytes, int) or limit_bytes < 0):
+            raise ValueError(f"limit_bytes must be an integer >= 0 or None, got {limit_bytes!r}")
+        with self.lock:
+            self._limit_bytes = limit_bytes
+            self._limit_pages = self.num_pages if limit_bytes is None else min(self.num_pages, limit_bytes // self.group_bytes)
+            self._enforce_limit()
+            return self.limit_met
+
+    def _enforce_limit(self) -> None:
+        excess = self._num_mapped - self._limit_pages
+        if excess <= 0:
+            return
+        self._unmap_now(self._empty_pages(excess, include_reserve=True))
+        excess = self._num_mapped - self._limit_pages
+        if excess > 0 and self.evict_cached is not None:
+            # Pages whose only holders are cached blocks: evict those, then unmap.
+            victims = [p for p in range(self.num_pages) if self._page[p] == _MAPPED and p != 0
+                       and self._held[p] and self._held[p] == self._cached[p]][:excess]
+            if victims:
+                bpp = self.blocks_per_page
+                ids = [b for p in victims for b in range(p * bpp, min((p + 1) * bpp, self.num_blocks))
+                       if self._state[b] == CACHED]
+                self.evict_cached(ids)
+                self._num_evicted += len(ids)
+                self._unmap_now(self._empty_pages(excess, include_reserve=True))
+
+    @property
+    def limit_met(self) -> bool:
+        return self._num_mapped <= self._limit_pages
+
+    @property
+    def limit_bytes(self) -> int | None:
+        return self._limit_bytes
+
+    def trim_reserve(self) -> int:
+        """Unmap every empty page group now (another engine needs memory)."""
+        with self.lock:
+            pages = self._empty_pages(self.num_pages, include_reserve=True)
+            self._unmap_now(pages)
+            return len(pages)
+
+    def stats(self) -> PoolStats:
+        with self.lock:
+            bb, gb = self.block_bytes, self.group_bytes
+            num_free_mapped = self.num_blocks_on_mapped_pages() - self._num_cached
+            reserve = sum(1 for p in self._empty_since if self._page[p] == _MAPPED)
+            return PoolStats(
+                used_bytes=(self._num_used - 1) * bb, cached_bytes=self._num_cached * bb,
+                free_bytes=num_free_mapped * bb, reserve_bytes=reserve * gb,
+                mapped_bytes=self._num_mapped * gb, virtual_bytes=self.num_pages * gb,
+                limit_bytes=self._limit_bytes, limit_met=self.limit_met, demand_bytes=self._demand_bytes,
+                block_bytes=bb, group_bytes=gb, num_blocks_total=self.num_blocks,
+                num_blocks_used=self._num_used - 1, num_blocks_cached=self._num_cached,
+                num_blocks_free=num_free_mapped, num_blocks_pinned=1, num_pages_mapped=self._num_mapped,
+                num_allocs=0, num_frees=0, num_denied=self._num_denied, num_sync_maps=self._num_sync_maps,
+                num_evicted=self._num_evicted, num_pages_mapped_total=self._num_mapped_total,
+                num_pages_unmapped_total=self._num_unmapped_total,
+            )
+
+    def check_integrity(self) -> None:
+        """Recount everything from the per-block states; raise AssertionError on a mismatch."""
+        with self.lock:
+            bpp = self.blocks_per_page
+            held, cached = [0] * self.num_pages, [0] * self.num_pages
+            for b, s in enumerate(self._state):
+                if s != FREE:
+                    held[b // bpp] += 1
+                    cached[b // bpp] += s == CACHED
+                    assert self._suspended or self._page[b // bpp] == _MAPPED, f"block {b} is {s} on an unmapped page"
+            assert held == self._held and cached == self._cached
+            assert self._num_mapped == sum(1 for s in self._page if s in (_MAPPED, _UNMAPPING))
+            assert self._num_mapped * self.group_bytes == self.mapper.mapped_bytes
+
+    def maintain(self, now: float | None = None) -> None:
+        """One round of background work: map the wanted prefetch pages, trim idle ones."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            pages = [p for p in self._prefetch if self._page[p] == _UNMAPPED][: self.room_pages()]
+            self._prefetch = []
+            for p in pages:
+                self._page[p] = _MAPPING
+        if pages:
+            try:
+                self.mapper.map(pages)
+                ok = True
+            except MemoryError:
+                ok = False
+            with self.lock:
+                for p in pages:
+                    self._page[p] = _MAPPED if ok else _UNMAPPED
+                    if ok:
+                        self._empty_since[p] = now
+                if ok:
+                    self._num_mapped += len(pages)
+                    self._num_mapped_total += len(pages)
+                self._cond.notify_all()
+        with self.lock:
+            idle = [p for p, t in self._empty_since.items() if now - t >= self.trim_idle_s]
+            keep = self.reserve_pages if len(idle) < len(self._empty_since) else min(self.reserve_pages, 1)
+            idle = sorted(idle, key=lambda p: -p)[: max(0, len(self._empty_since) - keep)]
+            if idle:
+                self._unmap_now(idle)
+
+    def suspend(self) -> None:
+        """Give back every page group, the null block's too (the engine sleeps: no kernel
+        runs). Cached blocks are evicted; used blocks other than the null block must not
+        exist. Allocation fails until :meth:`resume`.
+
+        Raises:
+            RuntimeError: blocks are still in use.
+        """
+        with self.lock:
+            if self._num_used > 1:
+                raise RuntimeError(f"kvcached: cannot release KV memory while {self._num_used - 1} blocks are in use")
+            if self._num_cached and self.evict_cached is not None:
+                self.evict_cached([b for b, s in enumerate(self._state) if s == CACHED])
+            self._suspended = True
+            self._limit_pages_saved = self._limit_pages
+            self._limit_pages = 0
+            pages = [p for p in range(self.num_pages) if self._page[p] == _MAPPED]
+            self._unmap_now(pages)
+
+    def resume(self) -> None:
+        """Map the null block's page group again and allow allocation."""
+        with self.lock:
+            if not self._suspended:
+                return
+            self._limit_pages = self._limit_pages_saved
+            self._map_now([0])
+            self._suspended = False
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _tail_blocks_on_mapped(self) -> int:
+        # The last page group may extend past num_blocks: those ids do not exist.
+        last = self.num_pages - 1
+        extra = self.num_pages * self.blocks_per_page - self.num_blocks
+        return extra if self._page[last] == _MAPPED else 0
+
+    def _set_states(self, block_ids: Iterable[int], state: int) -> None:
+        st, bpp, held, cached, empty = self._state, self.blocks_per_page, self._held, self._cached, self._empty_since
+        for b in block_ids:
+            old = st[b]
+            if old == state:
+                continue
+            st[b] = state
+            p = b // bpp
+            if old == USED:
+                self._num_used -= 1
+            elif old == CACHED:
+                self._num_cached -= 1
+                cached[p] -= 1
+            if state == USED:
+                self._num_used += 1
+            elif state == CACHED:
+                self._num_cached += 1
+                cached[p] += 1
+            if old == FREE:
+                held[p] += 1
+                empty.pop(p, None)
+            elif state == FREE:
+                held[p] -= 1
+                if held[p] == 0:
+                    empty[p] = time.monotonic()
+
+    def _empty_pages(self, n: int, include_reserve: bool) -> list[int]:
+        pages = sorted((p for p in self._empty_since if self._page[p] == _MAPPED), key=lambda p: -p)
+        if not include_reserve:
+            pages = pages[self.reserve_pages:]
+        return pages[:n]
+
+    def _map_now(self, pages: list[int]) -> None:
+        self.mapper.map(pages)
+        now = time.monotonic()
+        for p in pages:
+            self._page[p] = _MAPPED
+            if self._held[p] == 0:
+                self._empty_since[p] = now
+        self._num_mapped += len(pages)
+        self._num_mapped_total += len(pages)
+
+    def _unmap_now(self, pages: list[int]) -> None:
+        if not pages:
+            return
+        self.mapper.unmap(pages)
+        for p in pages:
+            self._page[p] = _UNMAPPED
+            self._empty_since.pop(p, None)
+        self._num_mapped -= len(pages)
+        self._num_unmapped_total += len(pages)
+
+    def _deny(self, shortfall_bytes: int) -> None:
+        self._num_denied += 1
+        self._demand_bytes = shortfall_bytes
+
+
+def _run(ref: weakref.ref[VllmPages], wake: threading.Event) -> None:
+    while True:
+        pages = ref()
+        if pages is None or pages._closed:
+            return
+        tick = min(0.05, max(0.005, pages.trim_idle_s / 4))
+        del pages
+        wake.wait(tick)
+        wake.clear()
+        pages = ref()
+        if pages is None or pages._closed:
+            return
+        pages.maintain()
+        del pages
