@@ -32,9 +32,10 @@ class Backend {
   // (free bytes, total bytes) of the device's physical memory.
   virtual std::pair<std::size_t, std::size_t> mem_info() const = 0;
 
-  // Reserve `size` bytes of address space aligned to the granularity.
-  // Throws VmmError when the address space cannot be reserved.
-  virtual std::uintptr_t reserve(std::size_t size) = 0;
+  // Reserve `size` bytes of address space aligned to `alignment` (0: the
+  // granularity; else a power-of-two multiple of it). Throws VmmError when the
+  // address space cannot be reserved.
+  virtual std::uintptr_t reserve(std::size_t size, std::size_t alignment = 0) = 0;
   // Return a reservation made by reserve(); every mapping in it must be gone.
   virtual void free_reserved(std::uintptr_t addr, std::size_t size) = 0;
   // Make `size` bytes of physical memory. Throws OutOfMemory when the device

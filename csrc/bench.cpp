@@ -8,7 +8,9 @@ std::map<std::string, std::vector<double>> bench_raw(Backend& backend, std::size
   using clock = std::chrono::steady_clock;
   std::map<std::string, std::vector<double>> ns;
   for (const char* key : {"create", "map", "set_access", "unmap", "release"}) ns[key].reserve(iterations);
-  const std::uintptr_t addr = backend.reserve(page_bytes);
+  std::size_t alignment = page_bytes & (~page_bytes + 1);
+  if (alignment < backend.granularity()) alignment = backend.granularity();
+  const std::uintptr_t addr = backend.reserve(page_bytes, alignment);
   auto lap = [&](const char* key, auto&& call) {
     const auto t0 = clock::now();
     call();

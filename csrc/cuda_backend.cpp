@@ -71,14 +71,19 @@ std::pair<std::size_t, std::size_t> CudaBackend::mem_info() const {
   return {free_bytes, total_bytes};
 }
 
-std::uintptr_t CudaBackend::reserve(std::size_t size) {
+std::uintptr_t CudaBackend::reserve(std::size_t size, std::size_t alignment) {
   if (size == 0 || size % granularity_ != 0) {
     throw std::invalid_argument("size must be a positive multiple of the granularity (" +
                                 std::to_string(granularity_) + " bytes), got " + std::to_string(size));
   }
+  if (alignment == 0) alignment = granularity_;
+  if (alignment % granularity_ != 0 || (alignment & (alignment - 1)) != 0) {
+    throw std::invalid_argument("alignment must be a power-of-two multiple of the granularity, got " +
+                                std::to_string(alignment));
+  }
   make_current();
   CUdeviceptr ptr = 0;
-  check_cuda("cuMemAddressReserve", cuda_driver().MemAddressReserve(&ptr, size, granularity_, 0, 0));
+  check_cuda("cuMemAddressReserve", cuda_driver().MemAddressReserve(&ptr, size, alignment, 0, 0));
   return static_cast<std::uintptr_t>(ptr);
 }
 

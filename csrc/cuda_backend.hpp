@@ -23,7 +23,7 @@ class CudaBackend final : public Backend {
   std::string uuid() const override { return uuid_; }
   std::pair<std::size_t, std::size_t> mem_info() const override;
 
-  std::uintptr_t reserve(std::size_t size) override;
+  std::uintptr_t reserve(std::size_t size, std::size_t alignment = 0) override;
   void free_reserved(std::uintptr_t addr, std::size_t size) override;
   Handle create(std::size_t size) override;
   void release(Handle handle) override;
@@ -63,7 +63,7 @@ class CudaBackend final : public Backend {
   std::size_t granularity() const override { return 0; }
   std::string uuid() const override { return ""; }
   std::pair<std::size_t, std::size_t> mem_info() const override { return {0, 0}; }
-  std::uintptr_t reserve(std::size_t) override { return 0; }
+  std::uintptr_t reserve(std::size_t, std::size_t = 0) override { return 0; }
   void free_reserved(std::uintptr_t, std::size_t) override {}
   Handle create(std::size_t) override { return 0; }
   void release(Handle) override {}

@@ -64,15 +64,20 @@ void HostBackend::check_aligned(const char* what, std::size_t value) const {
   }
 }
 
-std::uintptr_t HostBackend::reserve(std::size_t size) {
+std::uintptr_t HostBackend::reserve(std::size_t size, std::size_t alignment) {
   if (size == 0) throw std::invalid_argument("size must be > 0");
   check_aligned("size", size);
-  // Over-reserve by one granule so the range can be aligned, then trim.
-  const std::size_t span = size + granularity_;
+  if (alignment == 0) alignment = granularity_;
+  if (alignment % granularity_ != 0 || (alignment & (alignment - 1)) != 0) {
+    throw std::invalid_argument("alignment must be a power-of-two multiple of the granularity, got " +
+                                std::to_string(alignment));
+  }
+  // Over-reserve by the alignment so the range can be aligned, then trim.
+  const std::size_t span = size + alignment;
   void* raw = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) throw_errno("mmap(PROT_NONE reserve)", errno);
   const auto start = reinterpret_cast<std::uintptr_t>(raw);
-  const std::uintptr_t aligned = (start + granularity_ - 1) / granularity_ * granularity_;
+  const std::uintptr_t aligned = (start + alignment - 1) / alignment * alignment;
   if (aligned > start) munmap(raw, aligned - start);
   const std::uintptr_t end = start + span;
   if (end > aligned + size) munmap(reinterpret_cast<void*>(aligned + size), end - (aligned + size));

@@ -36,7 +36,7 @@ class HostBackend final : public Backend {
   std::string uuid() const override;
   std::pair<std::size_t, std::size_t> mem_info() const override;
 
-  std::uintptr_t reserve(std::size_t size) override;
+  std::uintptr_t reserve(std::size_t size, std::size_t alignment = 0) override;
   void free_reserved(std::uintptr_t addr, std::size_t size) override;
   Handle create(std::size_t size) override;
   void release(Handle handle) override;

@@ -64,7 +64,7 @@ NB_MODULE(_vmm, m) {
       .def_prop_ro("granularity", &Backend::granularity)
       .def_prop_ro("uuid", &Backend::uuid)
       .def("mem_info", &Backend::mem_info, "(free_bytes, total_bytes) of the device's physical memory.")
-      .def("reserve", &Backend::reserve, "size"_a)
+      .def("reserve", &Backend::reserve, "size"_a, "alignment"_a = 0)
       .def("free_reserved", &Backend::free_reserved, "addr"_a, "size"_a)
       .def("create", &Backend::create, "size"_a)
       .def("release", &Backend::release, "handle"_a)
