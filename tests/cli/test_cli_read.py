@@ -201,7 +201,8 @@ def test_top_batch_mode_prints_frames_until_ctrl_c(engines, shm_name):
 
 
 @pytest.mark.multiproc
-def test_top_live_on_a_terminal_sorts_and_quits_on_keys(engines, shm_name):
+@pytest.mark.parametrize("end", ["q", "SIGTERM"])
+def test_top_live_on_a_terminal_sorts_and_quits_on_keys(engines, shm_name, end):
     """Full-screen mode in a real pseudo-terminal: keys work and the terminal is restored."""
     import fcntl
     import os
@@ -235,7 +236,10 @@ def test_top_live_on_a_terminal_sorts_and_quits_on_keys(engines, shm_name):
             read_until(needle)
         os.write(master, b"s")
         read_until(b"sort name")
-        os.write(master, b"q")
+        if end == "q":
+            os.write(master, b"q")
+        else:
+            proc.terminate()
         assert proc.wait(timeout=20) == 0
         assert termios.tcgetattr(slave) == before  # cbreak mode undone
     finally:

@@ -1,0 +1,162 @@
+"""The vLLM integration against vLLM's real modules (CPU; the host backend stands in
+for the GPU). Runs in the vLLM test environment (scripts/ci/run_vllm_tests.sh);
+skipped where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (see scripts/ci/setup_vllm_env.sh)")
+
+from kvcached.integrations import vllm as kv_vllm  # noqa: E402
+from kvcached.integrations.hooks import when_imported  # noqa: E402
+
+pytestmark = pytest.mark.engine
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def patched():
+    # As in an engine process: arm the patches before the patched modules import.
+    os.environ.setdefault("KVCACHED_TRIM_IDLE_S", "0")
+    kv_vllm.activate(vllm)
+    when_imported("vllm.v1.core.block_pool", kv_vllm.patch_block_pool_module)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("ENABLE_KVCACHED", "KVCACHED_AUTOPATCH")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          cwd=os.path.dirname(__file__), timeout=600)
+
+
+def test_import_hook_patches_a_fresh_process_only_when_enabled():
+    code = "import vllm.v1.core.kv_cache_coordinator as c; print(c.BlockPool.__name__)"
+    on = run_python(code, ENABLE_KVCACHED="true")
+    off = run_python(code)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert on.stdout.split()[-1] == "ElasticBlockPool"
+    assert off.stdout.split()[-1] == "BlockPool"
+
+
+def test_unsupported_version_refuses_naming_the_range():
+    fake = types.SimpleNamespace(__version__="0.19.1")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0–0\.33\.0, found 0\.19\.1"):
+        kv_vllm.activate(fake)  # type: ignore[arg-type]
+
+
+def new_pool(num_blocks: int = 4096, caching: bool = True):
+    from vllm.v1.core.block_pool import BlockPool
+
+    from kvcached.integrations.vllm.block_pool import ElasticBlockPool
+
+    assert BlockPool is ElasticBlockPool
+    return ElasticBlockPool(num_gpu_blocks=num_blocks, enable_caching=caching, hash_block_size=16)
+
+
+def test_memory_is_mapped_only_under_live_blocks_and_returns():
+    pool = new_pool()
+    arena = pool.kv.mapper
+    idle = arena.mapped_bytes
+    assert arena.mapped_pages() == [0]
+    blocks = pool.get_new_blocks(300)
+    assert arena.mapped_bytes > idle
+    assert [b.block_id for b in blocks] == list(range(1, 301))  # vLLM's own order
+    pool.kv.check_integrity()
+    pool.free_blocks(reversed(blocks))
+    pool.kv.maintain()
+    pool.kv.maintain()
+    assert arena.mapped_bytes <= idle + pool.kv.group_bytes * pool.kv.reserve_pages
+    assert pool.get_num_free_blocks() == 4095
+    pool.kv.check_integrity()
+
+
+def test_block_choice_is_identical_to_vllms():
+    from kvcached.integrations.vllm.block_pool import ElasticBlockPool
+
+    plain = ElasticBlockPool.__mro__[1](num_gpu_blocks=512, enable_caching=True, hash_block_size=16)
+    ours = new_pool(512)
+    held_plain, held_ours = [], []
+    for step in range(40):
+        n = 1 + (step * 7) % 23
+        if n <= plain.get_num_free_blocks():
+            a, b = plain.get_new_blocks(n), ours.get_new_blocks(n)
+            assert [x.block_id for x in a] == [x.block_id for x in b]
+            held_plain.append(a)
+            held_ours.append(b)
+        if step % 3 == 2:
+            plain.free_blocks(reversed(held_plain.pop(0)))
+            ours.free_blocks(reversed(held_ours.pop(0)))
+        assert plain.get_num_free_blocks() == ours.get_num_free_blocks()
+    ours.kv.check_integrity()
+
+
+def test_limit_caps_what_vllm_may_take_and_is_never_exceeded():
+    pool = new_pool()
+    kv = pool.kv
+    kv.set_limit_bytes(3 * kv.group_bytes)
+    assert pool.get_num_free_blocks() <= 3 * kv.blocks_per_page
+    can = pool.get_num_free_blocks()
+    blocks = pool.get_new_blocks(can)
+    assert pool.get_num_free_blocks() == 0
+    assert kv.mapper.mapped_bytes <= 3 * kv.group_bytes
+    with pytest.raises(ValueError):
+        pool.get_new_blocks(1)  # vLLM's contract; allocate_slots asks get_num_free_blocks first
+    pool.free_blocks(blocks)
+    assert pool.get_num_free_blocks() == can
+
+
+def test_the_coordinator_builds_the_elastic_pool():
+    from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: F401 - the patched chain imports
+
+    from kvcached.integrations.vllm.block_pool import ElasticBlockPool
+    import vllm.v1.core.kv_cache_coordinator as coordinator
+
+    assert coordinator.BlockPool is ElasticBlockPool
+
+
+def test_kv_tensors_have_vllms_shapes_and_strides_over_the_arena():
+    import torch
+    import vllm.v1.worker.gpu.attn_utils as attn_utils
+    import vllm.v1.worker.utils as worker_utils
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from kvcached.integrations.vllm import runtime
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    page = spec.page_size_bytes
+    num_blocks, layers = 512, [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=4 * page * num_blocks, layers=layers,
+                                        layer_stride=page * num_blocks, block_stride=page)],
+        kv_cache_groups=[KVCacheGroupSpec(layer_names=layers, kv_cache_spec=spec)],
+    )
+    ours = attn_utils.allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
+    theirs = worker_utils.allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
+    kv = runtime.worker_kv()
+    assert kv is not None and kv.num_blocks == num_blocks and kv.blocks_per_page == (2 * MiB) // page
+    for name in layers:
+        assert ours[name].shape == theirs[name].shape and ours[name].stride() == theirs[name].stride()
+        assert ours[name].dtype == theirs[name].dtype
+    assert ours[layers[0]].data_ptr() == kv.arena.base_addr
+    assert ours[layers[1]].data_ptr() == kv.arena.range_addr(1)
+    # Page group 0 (the null block) is mapped; others map on demand and keep data across remaps.
+    assert kv.arena.mapped_pages() == [0]
+    kv.arena.map([1])
+    first, second = ours[layers[2]][3], ours[layers[2]][kv.blocks_per_page + 1]
+    first.copy_(torch.randn(first.shape).to(first.dtype))
+    expected = first.clone()
+    second.fill_(1)
+    kv.arena.unmap([1])
+    kv.arena.map([1])
+    assert torch.equal(ours[layers[2]][3], expected)
+    assert ours[layers[2]][kv.blocks_per_page + 1].abs().sum().item() == 0  # fresh memory

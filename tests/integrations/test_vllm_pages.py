@@ -1,0 +1,125 @@
+"""VllmPages: the page bookkeeping behind the vLLM block pool, on the host backend.
+
+vLLM-free: the block pool's side is played by plain calls with the block states vLLM
+would produce. The end-to-end tests against vLLM's real BlockPool live in
+tests/engines/vllm/.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcached import _vmm
+from kvcached.integrations.vllm.pages import CACHED, FREE, USED, VllmPages
+
+PAGE = 64 << 10
+BPP = 16
+
+
+@pytest.fixture
+def make():
+    made = []
+
+    def make_pages(num_blocks=16 * BPP, evicted=None, **kwargs):
+        backend = _vmm.HostBackend(64 << 20, PAGE)
+        arena = _vmm.Arena(backend, 2, (num_blocks // BPP) * PAGE, PAGE)
+        calls = evicted if evicted is not None else []
+
+        def evict(ids):
+            calls.append(list(ids))
+            pages.set_states(ids, FREE)
+
+        pages = VllmPages(arena, num_blocks=num_blocks, blocks_per_page=BPP, block_bytes=2 * PAGE // BPP,
+                          evict_cached=evict, start_thread=False, **kwargs)
+        made.append(pages)
+        return pages, arena
+
+    yield make_pages
+    for pages in made:
+        pages.close()
+
+
+def test_only_page_zero_is_mapped_at_start(make):
+    pages, arena = make()
+    assert arena.mapped_pages() == [0]
+    assert pages.stats().mapped_bytes == arena.mapped_bytes == 2 * PAGE
+    pages.check_integrity()
+
+
+def test_blocks_map_their_pages_and_empty_pages_are_trimmed_after_idle(make):
+    pages, arena = make(trim_idle_s=0.0, reserve_pages=0)
+    ids = list(range(20, 60))  # pages 1..3
+    assert pages.pages_of(ids) == [1, 2, 3]
+    assert pages.ensure_mapped(pages.pages_of(ids))
+    pages.set_states(ids, USED)
+    assert arena.mapped_pages() == [0, 1, 2, 3]
+    pages.check_integrity()
+    pages.set_states(ids[:20], CACHED)  # cached blocks keep their pages
+    pages.set_states(ids[20:], FREE)
+    pages.maintain()
+    assert arena.mapped_pages() == [0, 1, 2]  # page 3 held only free blocks
+    pages.set_states(ids[:20], FREE)
+    pages.maintain()
+    assert arena.mapped_pages() == [0]
+    assert pages.stats().mapped_bytes == arena.mapped_bytes
+    pages.check_integrity()
+
+
+def test_reserve_keeps_one_empty_page_after_idle(make):
+    pages, arena = make(trim_idle_s=0.0, reserve_pages=1)
+    ids = list(range(16, 64))
+    pages.ensure_mapped(pages.pages_of(ids))
+    pages.set_states(ids, USED)
+    pages.set_states(ids, FREE)
+    pages.maintain()
+    assert len(arena.mapped_pages()) == 2  # page 0 and one empty page kept ahead
+
+
+def test_limit_caps_mapping_and_lowering_it_evicts_cached_pages(make):
+    evicted: list[list[int]] = []
+    pages, arena = make(evicted=evicted)
+    ids = list(range(16, 80))  # pages 1..4
+    pages.ensure_mapped(pages.pages_of(ids))
+    pages.set_states(ids, USED)
+    pages.set_states(range(16, 48), CACHED)  # pages 1-2 hold only cached blocks
+    assert not pages.set_limit_bytes(2 * 2 * PAGE + 1)  # 2 page groups: live blocks keep 3 mapped
+    assert evicted and sorted(b for call in evicted for b in call) == list(range(16, 48))
+    assert arena.mapped_pages() == [0, 3, 4]
+    assert pages.room_pages() == 0 and pages.num_mappable_blocks() == 0
+    assert not pages.ensure_mapped([5])  # refused: over the limit
+    assert pages.stats().num_denied == 1 and pages.stats().demand_bytes == 2 * PAGE
+    pages.set_states(range(48, 80), FREE)
+    assert pages.set_limit_bytes(pages.limit_bytes)
+    assert len(arena.mapped_pages()) <= 2  # within the limit; an empty page may stay as reserve
+    pages.check_integrity()
+
+
+def test_negative_limit_changes_nothing(make):
+    pages, _ = make()
+    with pytest.raises(ValueError, match="limit_bytes must be an integer >= 0"):
+        pages.set_limit_bytes(-1)
+    assert pages.limit_bytes is None and pages.limit_met
+
+
+def test_suspend_gives_back_everything_and_resume_maps_page_zero(make):
+    evicted: list[list[int]] = []
+    pages, arena = make(evicted=evicted)
+    pages.ensure_mapped([1])
+    pages.set_states(range(16, 20), USED)
+    with pytest.raises(RuntimeError, match="4 blocks are in use"):
+        pages.suspend()
+    pages.set_states(range(16, 20), CACHED)
+    pages.suspend()
+    assert arena.mapped_bytes == 0 and evicted == [[16, 17, 18, 19]]
+    assert not pages.ensure_mapped([2])
+    pages.resume()
+    assert arena.mapped_pages() == [0]
+    pages.check_integrity()
+
+
+def test_prefetch_maps_pages_ahead_from_the_thread_side(make):
+    pages, arena = make(reserve_pages=2)
+    pages.want_prefetch(range(32, 80))
+    pages.maintain()
+    assert arena.mapped_pages() == [0, 2, 3]
+    pages.check_integrity()
