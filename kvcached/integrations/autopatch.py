@@ -63,11 +63,7 @@ def _patch_vllm(module: object) -> None:
 
 
 def _refuse_sglang(module: object) -> None:
-    from kvcached.integrations.versions import SUPPORTED
+    # Kept under this name: it refuses an unsupported SGLang (the integration checks the version).
+    from kvcached.integrations.sglang import activate
 
-    version = getattr(module, "__version__", "unknown")
-    raise RuntimeError(
-        f"kvcached: SGLang {version} was started with ENABLE_KVCACHED=true, but this kvcached release "
-        f"has no SGLang integration yet (planned range {SUPPORTED['sglang']}); unset ENABLE_KVCACHED "
-        "to run SGLang without kvcached"
-    )
+    activate(module)

@@ -55,7 +55,7 @@ class VersionRange:
 
 SUPPORTED: dict[str, VersionRange] = {
     "vllm": VersionRange("0.26.0", "0.33.0"),
-    "sglang": VersionRange("0.5.11", "0.5.23"),
+    "sglang": VersionRange("0.5.23", "0.5.23"),
 }
 
 

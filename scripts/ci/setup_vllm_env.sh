@@ -177,12 +177,45 @@ with (src_root / "pyproject.toml").open("rb") as f:
 names = sorted({m.split(":")[0].strip() for m in markers})
 (dest_root / "pytest.ini").write_text(
     "[pytest]\n"
+    "addopts = -p kvcached_offline_hub\n"
     "asyncio_default_fixture_loop_scope = function\n"
     "markers =\n" + "".join(f"    {name}\n" for name in names)
 )
 print(f"{len(wanted)} files copied", file=sys.stderr)
 PY
 rm -rf "$env_dir/sdist"
+
+# A pytest plugin (on by default through pytest.ini; `-p no:kvcached_offline_hub`
+# turns it off). With HF_HUB_OFFLINE set, vLLM's hub helper
+# (vllm.transformers_utils.repo_utils.with_retry) sleeps 2 s before retrying a
+# lookup that offline mode fails every time; each ModelConfig does two such
+# lookups. The plugin removes that sleep only: results are unchanged.
+cat > "$tests_dir/kvcached_offline_hub.py" <<'PY'
+"""Drop vLLM's retry sleep for Hugging Face hub lookups while HF_HUB_OFFLINE is set."""
+
+import os
+import time
+import types
+
+
+class _TimeWithoutSleep(types.ModuleType):
+    """The time module, except that sleep returns at once."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        del seconds
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in {"1", "true", "yes", "on"}:
+        return
+    from vllm.transformers_utils import repo_utils
+
+    repo_utils.time = _TimeWithoutSleep("time")
+PY
 
 # 5. An offline Hugging Face cache with a config.json (transformers' defaults for
 #    the architecture) for each model the tests name; no weights, no tokenizer.

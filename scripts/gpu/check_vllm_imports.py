@@ -18,6 +18,7 @@ CUDA-only branches (fa_utils) are taken only with the fake-H100 plugin
 imports the routers' lazy dependencies (metrics instrumentator, SageMaker
 standards, ...), and lists the routes.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -65,8 +66,8 @@ MODULES = [
     "vllm.v1.worker.gpu.model_runner",
     "vllm.v1.worker.gpu.attn_utils",
     "vllm.v1.attention.backends.triton_attn",
-    "vllm.v1.attention.backends.fa_utils",     # CUDA: needs vllm_flash_attn (FA3 .so)
-    "vllm.model_executor.layers.attention",    # llama.py -> mm_encoder_attention -> fa_utils
+    "vllm.v1.attention.backends.fa_utils",  # CUDA: needs vllm_flash_attn (FA3 .so)
+    "vllm.model_executor.layers.attention",  # llama.py -> mm_encoder_attention -> fa_utils
     "vllm.v1.attention.selector",
     "vllm.v1.sample.sampler",
     "vllm.vllm_flash_attn",
@@ -89,8 +90,8 @@ MODULES = [
     "vllm.device_allocator.cumem",
     "vllm.usage.usage_lib",
     # lazily imported on the default path (kept in the payload on purpose)
-    "depyf",          # compilation/wrapper.py, only when a compiled graph mutates buffers
-    "setproctitle",   # utils/system_utils.py, process titles (guarded)
+    "depyf",  # compilation/wrapper.py, only when a compiled graph mutates buffers
+    "setproctitle",  # utils/system_utils.py, process titles (guarded)
 ]
 
 
@@ -106,7 +107,7 @@ def main() -> int:
             failures[top].append(name)
             if verbose:
                 traceback.print_exc()
-        except Exception as e:  # noqa: BLE001 - report every cause
+        except Exception as e:
             others.append((name, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
             if verbose:
                 traceback.print_exc()
@@ -114,8 +115,7 @@ def main() -> int:
 
     print(f"vllm {vllm.__version__} from {os.path.dirname(vllm.__file__)}")
     for top, mods in sorted(failures.items()):
-        print(f"MISSING {top}: needed by {', '.join(mods[:4])}"
-              f"{' ...' if len(mods) > 4 else ''}")
+        print(f"MISSING {top}: needed by {', '.join(mods[:4])}{' ...' if len(mods) > 4 else ''}")
     for name, msg in others:
         print(f"ERROR {name}: {msg}")
     ok = len(MODULES) - sum(map(len, failures.values())) - len(others)
@@ -125,7 +125,7 @@ def main() -> int:
         model = sys.argv[sys.argv.index("--app") + 1]
         try:
             print(build_app_routes(model))
-        except Exception:  # noqa: BLE001
+        except Exception:
             traceback.print_exc()
             bad = True
     return 1 if bad else 0
@@ -142,13 +142,11 @@ def build_app_routes(model: str) -> str:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    args = parser.parse_args([model, "--load-format", "dummy",
-                              "--attention-backend", "TRITON_ATTN"])
+    args = parser.parse_args([model, "--load-format", "dummy", "--attention-backend", "TRITON_ATTN"])
     validate_parsed_serve_args(args)
     app = build_app(args, supported_tasks=("generate",))
     paths = sorted({getattr(r, "path", "") for r in app.routes})
-    keep = [p for p in paths if p.startswith(("/v1/c", "/v1/models", "/health",
-                                               "/metrics", "/sleep", "/wake", "/is_"))]
+    keep = [p for p in paths if p.startswith(("/v1/c", "/v1/models", "/health", "/metrics", "/sleep", "/wake", "/is_"))]
     return f"app: {len(paths)} routes, e.g. {keep}"
 
 

@@ -14,6 +14,7 @@ No weights are written: vLLM's dummy loader fills them at start.
 
 Needs only `tokenizers` (and `transformers` for --check). Deterministic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,22 @@ CHAT_TEMPLATE = (
 
 SHAPES = {
     # meta-llama/Llama-3.1-8B(-Instruct) shape
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    ),
 }
 
 
@@ -82,23 +95,77 @@ def special_tokens() -> list[str]:
 def corpus(seed: int = 0, n_lines: int = 20000) -> list[str]:
     """Pseudo-English text: syllable words, numbers, punctuation, some code."""
     rng = random.Random(seed)
-    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s",
-              "t", "v", "w", "st", "tr", "pl", "gr", "ch", "th", "sh", "br"]
+    onsets = [
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "st",
+        "tr",
+        "pl",
+        "gr",
+        "ch",
+        "th",
+        "sh",
+        "br",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ea", "ou", "ai", "io"]
     codas = ["", "", "n", "r", "s", "t", "l", "nd", "ng", "rt", "st", "ck"]
-    words = sorted({
-        "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                for _ in range(rng.choice([1, 1, 2, 2, 3])))
-        for _ in range(6000)
-    })
-    common = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "with",
-              "as", "was", "on", "be", "at", "by", "this", "are", "from", "or",
-              "memory", "cache", "page", "block", "engine", "GPU", "token", "model"]
+    words = sorted(
+        {
+            "".join(
+                rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.choice([1, 1, 2, 2, 3]))
+            )
+            for _ in range(6000)
+        }
+    )
+    common = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "that",
+        "for",
+        "it",
+        "with",
+        "as",
+        "was",
+        "on",
+        "be",
+        "at",
+        "by",
+        "this",
+        "are",
+        "from",
+        "or",
+        "memory",
+        "cache",
+        "page",
+        "block",
+        "engine",
+        "GPU",
+        "token",
+        "model",
+    ]
     lines = []
     for _ in range(n_lines):
         n = rng.randint(5, 25)
-        ws = [rng.choice(common) if rng.random() < 0.35 else rng.choice(words)
-              for _ in range(n)]
+        ws = [rng.choice(common) if rng.random() < 0.35 else rng.choice(words) for _ in range(n)]
         if rng.random() < 0.2:
             ws.insert(rng.randrange(len(ws)), str(rng.randint(0, 100000)))
         s = " ".join(ws)
@@ -110,17 +177,18 @@ def corpus(seed: int = 0, n_lines: int = 20000) -> list[str]:
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     from tokenizers import Regex
 
     # Llama 3's pre-tokenizer: its split regex, then byte-level without the GPT-2 regex
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_TRAINED,
@@ -147,9 +215,7 @@ def build_tokenizer():
     tok = Tokenizer.from_str(json.dumps(spec))
     assert tok.get_vocab_size() == FIRST_SPECIAL, tok.get_vocab_size()
 
-    added = tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in special_tokens()]
-    )
+    added = tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens()])
     assert added == NUM_SPECIAL and tok.get_vocab_size() == VOCAB_SIZE
     assert tok.token_to_id("<|begin_of_text|>") == 128000
     assert tok.token_to_id("<|eot_id|>") == 128009
@@ -223,9 +289,12 @@ def write(out: Path, shape: str, max_pos: int = 131072) -> None:
         "eos_token": "<|eot_id|>",
         "pad_token": "<|finetune_right_pad_id|>",
     }
-    for name, obj in [("config.json", config), ("generation_config.json", gen),
-                      ("tokenizer_config.json", tok_config),
-                      ("special_tokens_map.json", special_map)]:
+    for name, obj in [
+        ("config.json", config),
+        ("generation_config.json", gen),
+        ("tokenizer_config.json", tok_config),
+        ("special_tokens_map.json", special_map),
+    ]:
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
 
 
@@ -241,14 +310,16 @@ def check(out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(out)
     gen = GenerationConfig.from_pretrained(out)
     ids = tok("Hello kvcached, how are the pages today?")["input_ids"]
-    chat = tok.apply_chat_template([{"role": "user", "content": "Hi there"}],
-                                   tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-    print(f"config: {cfg.model_type} layers={cfg.num_hidden_layers} "
-          f"hidden={cfg.hidden_size} heads={cfg.num_attention_heads}/"
-          f"{cfg.num_key_value_heads} vocab={cfg.vocab_size} rope={rope}")
-    print(f"tokenizer: {type(tok).__name__} len={len(tok)} bos={tok.bos_token_id} "
-          f"eos={tok.eos_token_id} ids={ids}")
+    print(
+        f"config: {cfg.model_type} layers={cfg.num_hidden_layers} "
+        f"hidden={cfg.hidden_size} heads={cfg.num_attention_heads}/"
+        f"{cfg.num_key_value_heads} vocab={cfg.vocab_size} rope={rope}"
+    )
+    print(f"tokenizer: {type(tok).__name__} len={len(tok)} bos={tok.bos_token_id} eos={tok.eos_token_id} ids={ids}")
     print(f"decode(any id): {tok.decode([5, 9000, 127999, 128009])!r}")
     print(f"chat: {chat!r}")
     print(f"generation eos: {gen.eos_token_id}")
@@ -261,12 +332,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256")
-    ap.add_argument("--max-pos", type=int, default=131072,
-                    help="max_position_embeddings (Llama 3.1: 131072; its rope "
-                    "scaling wants more than 8192). Cap the KV per request with "
-                    "vllm's --max-model-len instead")
-    ap.add_argument("--check", action="store_true",
-                    help="load it back with transformers (offline)")
+    ap.add_argument(
+        "--max-pos",
+        type=int,
+        default=131072,
+        help="max_position_embeddings (Llama 3.1: 131072; its rope "
+        "scaling wants more than 8192). Cap the KV per request with "
+        "vllm's --max-model-len instead",
+    )
+    ap.add_argument("--check", action="store_true", help="load it back with transformers (offline)")
     a = ap.parse_args()
     write(a.out, "tiny" if a.tiny else "8b", a.max_pos)
     print(f"wrote {a.out} ({'tiny' if a.tiny else '8b'} shape)")

@@ -18,12 +18,13 @@ llama.py imports it through layers.attention -> mm_encoder_attention ->
 fa_utils even when the Triton backend is chosen), cumem_allocator (sleep mode),
 spinloop, fs_io_C, _rust_tool_parser. The RECORD is rewritten so pip installs the result normally.
 """
+
 from __future__ import annotations
 
 import base64
 import csv
-import io
 import hashlib
+import io
 import sys
 import zipfile
 from pathlib import Path
@@ -58,9 +59,10 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / src.name
     kept, dropped_bytes = [], 0
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(
-        dst, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9
-    ) as zout:
+    with (
+        zipfile.ZipFile(src) as zin,
+        zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zout,
+    ):
         record_name = next(n for n in zin.namelist() if n.endswith(".dist-info/RECORD"))
         for info in zin.infolist():
             name = info.filename
@@ -82,8 +84,7 @@ def main() -> int:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(kept)
         zout.writestr(zr, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
-    print(f"{dst}: {dst.stat().st_size / 2**20:.1f} MiB "
-          f"(dropped {dropped_bytes / 2**20:.0f} MiB uncompressed)")
+    print(f"{dst}: {dst.stat().st_size / 2**20:.1f} MiB (dropped {dropped_bytes / 2**20:.0f} MiB uncompressed)")
     return 0
 
 

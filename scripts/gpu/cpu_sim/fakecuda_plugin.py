@@ -7,6 +7,7 @@ start, worker imports — until the first real CUDA call fails. Registered
 through the `vllm.platform_plugins` entry point of the dist-info beside it;
 active only when this folder is on PYTHONPATH and FAKECUDA=1.
 """
+
 import os
 
 

@@ -59,7 +59,7 @@ class ElasticMHATokenToKVPool(MHATokenToKVPool):
         self.dq_k_buffer = self.dq_v_buffer = None
         self.k_buffer = [t[0, :num_slots] for t in tensors]
         self.v_buffer = [t[1, :num_slots] for t in tensors]
-        for k, v in zip(self.k_buffer, self.v_buffer):  # the padded page is read by kernels
+        for k, v in zip(self.k_buffer, self.v_buffer, strict=True):  # the padded page is read by kernels
             k[: self.page_size].zero_()
             v[: self.page_size].zero_()
         self._kv_buffer_descs = self._build_kv_buffer_descs()
