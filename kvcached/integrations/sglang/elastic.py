@@ -25,7 +25,7 @@ from kvcached.pool import KVLayout, KVPool, plan_geometry
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ElasticKV", "KVShape", "live_stores", "resolve_engine_name"]
+__all__ = ["ElasticKV", "KVShape", "elastic_store_of", "live_stores", "resolve_engine_name"]
 
 _log = logging.getLogger("kvcached.sglang")
 _MEM_INFO_TTL_S = 0.05  # mem_info() is a driver call: ask at most this often
@@ -43,6 +43,11 @@ class KVShape(NamedTuple):
     num_heads: int
     head_dim: int
     num_slots: int
+
+
+def elastic_store_of(kvcache: Any) -> ElasticKV | None:
+    """The :class:`ElasticKV` behind an SGLang KV pool, or None for a plain one."""
+    return getattr(kvcache, "kvcached_store", None)
 
 
 def live_stores() -> list[ElasticKV]:

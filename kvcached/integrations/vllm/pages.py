@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from kvcached.pool.base import PageMapper, PoolStats
 
-__all__ = ["FREE", "CACHED", "USED", "VllmPages"]
+__all__ = ["CACHED", "FREE", "USED", "VllmPages"]
 
 FREE, USED, CACHED = 0, 1, 2
 _UNMAPPED, _MAPPING, _MAPPED, _UNMAPPING = 0, 1, 2, 3

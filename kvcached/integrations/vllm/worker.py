@@ -240,6 +240,61 @@ def patch_worker(worker_module: ModuleType) -> None:
         return original_wake(self, tags, *args, **kwargs)
 
     worker_cls.sleep, worker_cls.wake_up = sleep, wake_up
+    _patch_warmup(worker_cls)
+
+
+def _patch_warmup(worker_cls: type) -> None:
+    """Back the blocks that start-up warm-up invents.
+
+    Kernel warm-up (Model Runner V2's ``warmup_kernels``, 0.33's block zeroer) runs
+    fake requests through ``Worker.execute_model`` with block ids it picks itself
+    (1, 2, 3, ...) before the scheduler and its block pool exist. While no block pool
+    owns the arena, each such step first maps the page groups of the block ids it
+    carries; when warm-up ends they are unmapped again (page group 0 stays).
+    """
+    original_warm, original_execute = worker_cls.compile_or_warm_up_model, worker_cls.execute_model
+
+    @functools.wraps(original_execute)
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        kv = runtime.worker_kv()
+        if kv is not None and kv.pages is None and scheduler_output is not None:
+            pages = sorted({b // kv.blocks_per_page for b in _block_ids(scheduler_output)} - set(kv.arena.mapped_pages()))
+            if pages:
+                kv.arena.map(pages)
+        return original_execute(self, scheduler_output, *args, **kwargs)
+
+    @functools.wraps(original_warm)
+    def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original_warm(self, *args, **kwargs)
+        finally:
+            kv = runtime.worker_kv()
+            if kv is not None and kv.pages is None:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                extra = [p for p in kv.arena.mapped_pages() if p != 0]
+                if extra:
+                    kv.arena.unmap(extra)
+
+    worker_cls.execute_model, worker_cls.compile_or_warm_up_model = execute_model, compile_or_warm_up_model
+
+
+def _block_ids(scheduler_output: Any) -> set[int]:
+    """Every block id a ``SchedulerOutput`` hands to the worker."""
+    ids: set[int] = set()
+
+    def add(groups: Any) -> None:
+        for group in groups or ():
+            ids.update(group or ())
+
+    for req in getattr(scheduler_output, "scheduled_new_reqs", None) or ():
+        add(getattr(req, "block_ids", None))
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    for groups in getattr(cached, "new_block_ids", None) or ():
+        add(groups)
+    return ids
 
 
 def _virtual_kv_bytes(worker: Any) -> int:

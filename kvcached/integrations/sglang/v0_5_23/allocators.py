@@ -20,8 +20,7 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.utils import get_num_new_pages
 
-from kvcached.integrations.sglang.elastic import ElasticKV
-from kvcached.integrations.sglang.v0_5_23.pools import elastic_store_of
+from kvcached.integrations.sglang.elastic import ElasticKV, elastic_store_of
 
 __all__ = ["ElasticAllocatorMixin", "ElasticPagedTokenToKVPoolAllocator", "ElasticTokenToKVPoolAllocator"]
 

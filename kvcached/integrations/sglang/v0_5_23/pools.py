@@ -17,12 +17,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from kvcached.integrations.sglang.elastic import ElasticKV, KVShape
 from kvcached.pool import KVLayout
 
-__all__ = ["ElasticMHATokenToKVPool", "ElasticMLATokenToKVPool", "elastic_store_of"]
-
-
-def elastic_store_of(kvcache: Any) -> ElasticKV | None:
-    """The :class:`ElasticKV` behind an SGLang KV pool, or None for a plain one."""
-    return getattr(kvcache, "kvcached_store", None)
+__all__ = ["ElasticMHATokenToKVPool", "ElasticMLATokenToKVPool"]
 
 
 def _refuse(pool: Any, why: str) -> None:
