@@ -123,3 +123,30 @@ def test_prefetch_maps_pages_ahead_from_the_thread_side(make):
     pages.maintain()
     assert arena.mapped_pages() == [0, 2, 3]
     pages.check_integrity()
+
+
+def test_idle_engine_shrinks_its_prefix_cache_to_the_bound(make):
+    evicted: list[list[int]] = []
+    pages, arena = make(evicted=evicted, trim_idle_s=0.0, reserve_pages=0, idle_cache_bytes=2 * PAGE)
+    ids = list(range(16, 80))  # pages 1..4, all cached after their requests ended
+    pages.ensure_mapped(pages.pages_of(ids))
+    pages.set_states(ids, USED)
+    pages.set_states(range(64, 66), USED)  # page 4 keeps a used block
+    pages.set_states([b for b in ids if b not in (64, 65)], CACHED)
+    pages.maintain()
+    kept = pages.stats().cached_bytes
+    assert kept <= 2 * PAGE + pages.blocks_per_page * pages.block_bytes
+    assert 4 in [p for p in arena.mapped_pages()]  # the page with a used block stays
+    assert len(arena.mapped_pages()) < 5
+    pages.check_integrity()
+
+
+def test_pressure_from_another_engine_gives_back_cache_only_pages(make):
+    pages, arena = make()
+    ids = list(range(16, 48))
+    pages.ensure_mapped(pages.pages_of(ids))
+    pages.set_states(ids, USED)
+    pages.set_states(ids, CACHED)
+    assert pages.trim_reserve() == 2
+    assert arena.mapped_pages() == [0]
+    pages.check_integrity()

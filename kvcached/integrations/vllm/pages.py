@@ -62,6 +62,7 @@ class VllmPages:
         evict_cached: Callable[[list[int]], None] | None = None,
         trim_idle_s: float = 0.5,
         reserve_pages: int = 1,
+        idle_cache_bytes: int | None = None,
         start_thread: bool = True,
     ) -> None:
         if num_blocks <= 0 or blocks_per_page <= 0 or block_bytes <= 0:
@@ -79,6 +80,8 @@ class VllmPages:
         self.evict_cached = evict_cached
         self.trim_idle_s = trim_idle_s
         self.reserve_pages = reserve_pages
+        self.idle_cache_bytes = idle_cache_bytes  # None: keep every cached block
+        self._last_activity = time.monotonic()
         self._state = bytearray(num_blocks)
         self._page = bytearray(self.num_pages)  # mapping state
         self._held = [0] * self.num_pages  # used + cached blocks per page
@@ -205,11 +208,33 @@ class VllmPages:
         return self._limit_bytes
 
     def trim_reserve(self) -> int:
-        """Unmap every empty page group now (another engine needs memory)."""
+        """Another engine needs memory: evict cached blocks on pages with no used block,
+        and unmap every empty page group now. Returns how many were unmapped."""
         with self.lock:
+            self._evict_cache_pages(None)
             pages = self._empty_pages(self.num_pages, include_reserve=True)
             self._unmap_now(pages)
             return len(pages)
+
+    def _evict_cache_pages(self, keep_bytes: int | None) -> None:
+        """Evict the cached blocks of pages that hold no used block (newest pages first),
+        until at most ``keep_bytes`` of cache remain (None: all such pages)."""
+        if self.evict_cached is None or not self._num_cached:
+            return
+        bpp, excess = self.blocks_per_page, None
+        if keep_bytes is not None:
+            excess = self._num_cached - keep_bytes // self.block_bytes
+            if excess <= 0:
+                return
+        victims: list[int] = []
+        for p in range(self.num_pages - 1, 0, -1):
+            if self._cached[p] and self._held[p] == self._cached[p]:
+                victims.extend(b for b in range(p * bpp, min((p + 1) * bpp, self.num_blocks)) if self._state[b] == CACHED)
+                if excess is not None and len(victims) >= excess:
+                    break
+        if victims:
+            self.evict_cached(victims)
+            self._num_evicted += len(victims)
 
     def stats(self) -> PoolStats:
         with self.lock:
@@ -270,6 +295,12 @@ class VllmPages:
                     self._num_mapped_total += len(pages)
                 self._cond.notify_all()
         with self.lock:
+            if self.idle_cache_bytes is not None and now - self._last_activity >= self.trim_idle_s:
+                # Idle: the prefix cache shrinks to its idle bound, and the pages that
+                # frees go back at once.
+                before = set(self._empty_since)
+                self._evict_cache_pages(self.idle_cache_bytes)
+                self._unmap_now(sorted(p for p in self._empty_since if p not in before and self._page[p] == _MAPPED))
             idle = [p for p, t in self._empty_since.items() if now - t >= self.trim_idle_s]
             keep = self.reserve_pages if len(idle) < len(self._empty_since) else min(self.reserve_pages, 1)
             idle = sorted(idle, key=lambda p: -p)[: max(0, len(self._empty_since) - keep)]
@@ -320,6 +351,7 @@ class VllmPages:
 
     def _set_states(self, block_ids: Iterable[int], state: int) -> None:
         st, bpp, held, cached, empty = self._state, self.blocks_per_page, self._held, self._cached, self._empty_since
+        self._last_activity = time.monotonic()
         for b in block_ids:
             old = st[b]
             if old == state:
