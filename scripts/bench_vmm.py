@@ -31,11 +31,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def time_arena(backend: _vmm.Backend, page_bytes: int, iterations: int) -> dict[str, list[float]]:
+def time_arena(backend: _vmm.Backend, page_bytes: int, iterations: int, cycle: int = 4) -> dict[str, list[float]]:
+    """Map and unmap one page at a time, cycling over ``cycle`` addresses (1: the same
+    address every time, as the raw loop does)."""
     arena = vmm.Arena(backend, 1, 4 * page_bytes, page_bytes)
     out: dict[str, list[float]] = {"map": [], "unmap": []}
     for i in range(iterations):
-        p = [i % 4]
+        p = [i % cycle]
         t0 = time.perf_counter_ns()
         arena.map(p)
         t1 = time.perf_counter_ns()
@@ -143,6 +145,9 @@ def main() -> None:
         entry["create_release_share"] = (entry["raw_p50_us"]["create"] + entry["raw_p50_us"]["release"]) / (
             entry["raw_map_access_p50_us"] + entry["raw_unmap_release_p50_us"]
         )
+        same = time_arena(backend, size, iters, cycle=1)
+        entry["same_addr_map_ratio"] = statistics.median(same["map"]) / 1e3 / entry["raw_map_access_p50_us"]
+        entry["same_addr_unmap_ratio"] = statistics.median(same["unmap"]) / 1e3 / entry["raw_unmap_release_p50_us"]
         batch = time_batch(backend, size, 32 if size <= 32 * MiB else 8, max(10, iters // 20))
         entry["batch_map_per_page_p50_us"] = statistics.median(batch["map"]) / 1e3
         entry["batch_unmap_per_page_p50_us"] = statistics.median(batch["unmap"]) / 1e3
@@ -153,15 +158,16 @@ def main() -> None:
     print()
     print("| page | raw create | raw map | raw set-access | raw unmap | raw release "
           "| arena map+access p50/p99 | raw p50 | ratio | arena unmap+release p50/p99 | raw p50 | ratio "
-          "| map GB/s | batch map/page | batch unmap/page |")
-    print("|" + "---|" * 16)
+          "| map GB/s | batch map/page | batch unmap/page | same-address ratios map / unmap |")
+    print("|" + "---|" * 17)
     for mib, e in rows:
         r = e["raw_p50_us"]
         print(
             f"| {mib} MiB | {r['create']:.1f} | {r['map']:.1f} | {r['set_access']:.1f} | {r['unmap']:.1f} | {r['release']:.1f} "
             f"| {e['arena_map_p50_us']:.1f} / {e['arena_map_p99_us']:.1f} | {e['raw_map_access_p50_us']:.1f} | {e['map_ratio']:.2f}x "
             f"| {e['arena_unmap_p50_us']:.1f} / {e['arena_unmap_p99_us']:.1f} | {e['raw_unmap_release_p50_us']:.1f} | {e['unmap_ratio']:.2f}x "
-            f"| {e['map_gbps']:.0f} | {e['batch_map_per_page_p50_us']:.1f} | {e['batch_unmap_per_page_p50_us']:.1f} |"
+            f"| {e['map_gbps']:.0f} | {e['batch_map_per_page_p50_us']:.1f} | {e['batch_unmap_per_page_p50_us']:.1f} "
+            f"| {e['same_addr_map_ratio']:.2f}x / {e['same_addr_unmap_ratio']:.2f}x |"
         )
     print(f"\n(all times µs per call; one unmap spanning several mappings: {results['spanning_unmap']})")
     if args.json:
