@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from types import ModuleType
 
 from kvcached import envs
 from kvcached.integrations.hooks import when_imported
@@ -56,13 +57,13 @@ def install() -> bool:
         return True
 
 
-def _patch_vllm(module: object) -> None:
+def _patch_vllm(module: ModuleType) -> None:
     from kvcached.integrations.vllm import activate
 
     activate(module)
 
 
-def _refuse_sglang(module: object) -> None:
+def _refuse_sglang(module: ModuleType) -> None:
     # Kept under this name: it refuses an unsupported SGLang (the integration checks the version).
     from kvcached.integrations.sglang import activate
 

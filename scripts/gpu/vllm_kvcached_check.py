@@ -83,8 +83,8 @@ def engine_mapped(listing: dict) -> int | None:
 
 
 def start(cmd: list[str], env: dict, log_path: str) -> subprocess.Popen:
-    log = open(log_path, "w")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -120,7 +120,7 @@ def main() -> int:
 
     plain: list = []
     if not args.skip_plain:
-        proc = start(serve + ["--gpu-memory-utilization", "0.5"], env, os.path.join(args.out, "vllm_plain.log"))
+        proc = start([*serve, "--gpu-memory-utilization", "0.5"], env, os.path.join(args.out, "vllm_plain.log"))
         try:
             report["plain_startup_s"] = wait_healthy(base, proc, 600)
             plain = [complete(base, p, args.max_tokens) for p in PROMPTS]

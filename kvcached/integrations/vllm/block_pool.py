@@ -107,7 +107,7 @@ class ElasticBlockPool(BlockPool):
     def unpin_blocks(self, blocks: Iterable[Any], *args: Any, **kwargs: Any) -> None:
         with self.kv_lock:
             blocks = list(blocks)
-            super().unpin_blocks(blocks, *args, **kwargs)  # type: ignore[misc]
+            super().unpin_blocks(blocks, *args, **kwargs)
             self._resync(blocks)
 
     # -- helpers ------------------------------------------------------------------------
@@ -116,7 +116,7 @@ class ElasticBlockPool(BlockPool):
         """The first ``n`` blocks of vLLM's free queue: the ones it will hand out next."""
         queue = self.free_block_queue
         tail = queue.fake_free_list_tail
-        out = []
+        out: list[Any] = []
         block = queue.fake_free_list_head.next_free_block
         while block is not None and block is not tail and len(out) < n:
             out.append(block)

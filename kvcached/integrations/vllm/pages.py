@@ -100,7 +100,8 @@ class VllmPages:
         self._limit_pages_saved = self._limit_pages
         # The null block is used forever: its page never empties. The worker may have
         # mapped page group 0 already (CUDA graph capture reads the null block).
-        if getattr(mapper, "is_mapped", None) is not None and mapper.is_mapped(0):
+        is_mapped = getattr(mapper, "is_mapped", None)
+        if is_mapped is not None and is_mapped(0):
             self._page[0] = _MAPPED
             self._num_mapped = 1
         else:

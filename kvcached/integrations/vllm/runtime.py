@@ -122,7 +122,8 @@ def _attach(pages: VllmPages, kv: WorkerKV) -> Any:
 
     name = envs.get("KVCACHED_ENGINE_NAME") or kv.model_name
     try:
-        return attach_engine(pages, name, kv.model_name, "vllm", arena=kv.arena, backend=kv.backend)
+        backend: Any = kv.backend
+        return attach_engine(pages, name, kv.model_name, "vllm", arena=kv.arena, backend=backend)
     except Exception as exc:
         # The engine runs on without the control plane only if the user asked for that.
         if envs.get("KVCACHED_REQUIRE_CONTROL"):

@@ -146,7 +146,7 @@ def _model_name(owner: Any) -> str:
     return str(name or "vllm")
 
 
-def _call_with_arena(fn: Callable[..., Any], torch_home: ModuleType, kv_cache_config: Any, model_name: str,
+def _call_with_arena(fn: Callable[..., Any], torch_home: Any, kv_cache_config: Any, model_name: str,
                      *args: Any, **kwargs: Any) -> Any:
     if getattr(_local, "profiling", False):
         return fn(*args, **kwargs)
@@ -158,7 +158,7 @@ def _call_with_arena(fn: Callable[..., Any], torch_home: ModuleType, kv_cache_co
         torch_home.torch = real
 
 
-def patch_allocation_method(runner_cls: type, name: str, torch_home: ModuleType) -> None:
+def patch_allocation_method(runner_cls: Any, name: str, torch_home: Any) -> None:
     """Wrap ``runner_cls.<name>(self, kv_cache_config, ...)`` (0.26's V1 runner)."""
     original = getattr(runner_cls, name)
 
@@ -170,7 +170,7 @@ def patch_allocation_method(runner_cls: type, name: str, torch_home: ModuleType)
     setattr(runner_cls, name, allocate)
 
 
-def patch_allocation_function(module: ModuleType, name: str, torch_home: ModuleType) -> None:
+def patch_allocation_function(module: Any, name: str, torch_home: Any) -> None:
     """Replace ``module.<name>(kv_cache_config, ...)`` by name (MRV2 0.26; 0.29+ imports)."""
     original = getattr(module, name)
     if getattr(original, "__kvcached__", False):
@@ -185,7 +185,7 @@ def patch_allocation_function(module: ModuleType, name: str, torch_home: ModuleT
     setattr(module, name, allocate)
 
 
-def patch_runner_init(runner_cls: type) -> None:
+def patch_runner_init(runner_cls: Any) -> None:
     """Mark the profiling KV init (ordinary memory) and remember the model name."""
     original = runner_cls.initialize_kv_cache
 
@@ -201,7 +201,7 @@ def patch_runner_init(runner_cls: type) -> None:
     runner_cls.initialize_kv_cache = initialize_kv_cache
 
 
-def patch_worker(worker_module: ModuleType) -> None:
+def patch_worker(worker_module: Any) -> None:
     """Start-up memory and sleep on ``vllm.v1.worker.gpu_worker``."""
     worker_cls = worker_module.Worker
 
@@ -243,7 +243,7 @@ def patch_worker(worker_module: ModuleType) -> None:
     _patch_warmup(worker_cls)
 
 
-def _patch_warmup(worker_cls: type) -> None:
+def _patch_warmup(worker_cls: Any) -> None:
     """Back the blocks that start-up warm-up invents.
 
     Kernel warm-up (Model Runner V2's ``warmup_kernels``, 0.33's block zeroer) runs

@@ -114,10 +114,10 @@ def test_limit_caps_what_vllm_may_take_and_is_never_exceeded():
 
 
 def test_the_coordinator_builds_the_elastic_pool():
+    import vllm.v1.core.kv_cache_coordinator as coordinator
     from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: F401 - the patched chain imports
 
     from kvcached.integrations.vllm.block_pool import ElasticBlockPool
-    import vllm.v1.core.kv_cache_coordinator as coordinator
 
     assert coordinator.BlockPool is ElasticBlockPool
 
