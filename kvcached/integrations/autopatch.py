@@ -52,7 +52,7 @@ def install() -> bool:
                 "set ENABLE_KVCACHED before the engine starts (or use `kvctl launch -- ...`)"
             )
         when_imported("vllm", _patch_vllm)
-        when_imported("sglang", _refuse_sglang)
+        when_imported("sglang", _patch_sglang)
         _installed = True
         return True
 
@@ -63,8 +63,7 @@ def _patch_vllm(module: ModuleType) -> None:
     activate(module)
 
 
-def _refuse_sglang(module: ModuleType) -> None:
-    # Kept under this name: it refuses an unsupported SGLang (the integration checks the version).
+def _patch_sglang(module: ModuleType) -> None:
     from kvcached.integrations.sglang import activate
 
     activate(module)
