@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from importlib import metadata
 
-__all__ = ["SUPPORTED", "EngineVersion", "VersionRange", "check_installed", "installed_version", "parse_version"]
+__all__ = ["SUPPORTED", "EngineVersion", "VersionRange", "check_installed", "installed_version", "parse_version", "require_supported"]
 
 _RELEASE_RE = re.compile(r"^\s*v?(\d+(?:\.\d+)*)")
 
@@ -75,6 +75,20 @@ class EngineVersion:
     def ok(self) -> bool:
         """Installed and inside the supported range."""
         return self.version is not None and self.version in self.supported
+
+
+def require_supported(engine: str, display_name: str, version: str) -> None:
+    """Stop an engine outside the supported range, naming the range.
+
+    Raises:
+        RuntimeError: ``version`` of ``engine`` is not supported.
+    """
+    supported = SUPPORTED[engine]
+    if version not in supported:
+        raise RuntimeError(
+            f"kvcached supports {display_name} {supported}, found {version}; "
+            f"install a supported {display_name} or unset ENABLE_KVCACHED to run without kvcached"
+        )
 
 
 def installed_version(distribution: str) -> str | None:

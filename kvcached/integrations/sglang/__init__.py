@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from kvcached.integrations.versions import SUPPORTED
+from kvcached.integrations.versions import require_supported
 
 __all__ = ["activate"]
 
@@ -23,13 +23,7 @@ def activate(sglang: ModuleType) -> None:
     Raises:
         RuntimeError: this SGLang version is outside the supported range.
     """
-    version = getattr(sglang, "__version__", "unknown")
-    supported = SUPPORTED["sglang"]
-    if version not in supported:
-        raise RuntimeError(
-            f"kvcached supports SGLang {supported}, found {version}; "
-            "install a supported SGLang or unset ENABLE_KVCACHED to run without kvcached"
-        )
+    require_supported("sglang", "SGLang", getattr(sglang, "__version__", "unknown"))
     from kvcached.integrations.sglang import v0_5_23
 
     v0_5_23.install()

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from kvcached.integrations.hooks import when_imported
-from kvcached.integrations.versions import SUPPORTED, parse_version
+from kvcached.integrations.versions import parse_version, require_supported
 
 __all__ = ["activate", "patch_block_pool_module"]
 
@@ -33,12 +33,7 @@ def activate(vllm: ModuleType) -> None:
         RuntimeError: this vLLM version is outside the supported range.
     """
     version = getattr(vllm, "__version__", "unknown")
-    supported = SUPPORTED["vllm"]
-    if version not in supported:
-        raise RuntimeError(
-            f"kvcached supports vLLM {supported}, found {version}; "
-            "install a supported vLLM or unset ENABLE_KVCACHED to run without kvcached"
-        )
+    require_supported("vllm", "vLLM", version)
     release = parse_version(version)
     when_imported("vllm.v1.core.kv_cache_coordinator", _patch_coordinator)
     when_imported("vllm.v1.core.sched.scheduler", _patch_scheduler)
