@@ -85,6 +85,26 @@ def probe_spanning_unmap(backend: _vmm.Backend, page_bytes: int) -> str:
     return verdict
 
 
+def probe_reservation_size(backend: _vmm.Backend, page_bytes: int, iterations: int = 200) -> dict[str, float]:
+    """Raw create+map+access+unmap+release of one page, in a reservation of one page
+    vs of four pages: does the size of the surrounding reservation change the cost?"""
+    out = {}
+    for pages in (1, 4):
+        addr = backend.reserve(pages * page_bytes, page_bytes & (~page_bytes + 1))
+        times = []
+        for _ in range(iterations):
+            t0 = time.perf_counter_ns()
+            h = backend.create(page_bytes)
+            backend.map(addr, page_bytes, h, 0)
+            backend.set_access(addr, page_bytes)
+            backend.unmap(addr, page_bytes)
+            backend.release(h)
+            times.append(time.perf_counter_ns() - t0)
+        backend.free_reserved(addr, pages * page_bytes)
+        out[f"reservation_{pages}_pages_us"] = statistics.median(times) / 1e3
+    return out
+
+
 def device_facts(backend: _vmm.Backend) -> dict[str, str]:
     facts = {"backend": backend.name, "host": platform.node(), "date": time.strftime("%Y-%m-%d")}
     if backend.name == "cuda":
@@ -155,6 +175,10 @@ def main() -> None:
         rows.append((size // MiB, entry))
 
     results["spanning_unmap"] = probe_spanning_unmap(backend, sizes[0])
+    results["reservation_probe"] = {str(s // MiB): probe_reservation_size(backend, s) for s in sizes}
+    print("full cycle of one page, p50 µs, in a reservation of 1 page vs 4 pages:",
+          {k: (round(v["reservation_1_pages_us"], 1), round(v["reservation_4_pages_us"], 1))
+           for k, v in results["reservation_probe"].items()})
     print()
     print("| page | raw create | raw map | raw set-access | raw unmap | raw release "
           "| arena map+access p50/p99 | raw p50 | ratio | arena unmap+release p50/p99 | raw p50 | ratio "
