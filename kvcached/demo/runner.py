@@ -22,9 +22,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import kvcached
 from kvcached.control import Controller
 from kvcached.demo.engine import EngineReport, EngineSpec
 from kvcached.demo.workload import Workload
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(kvcached.__file__)))
 
 __all__ = ["DemoConfig", "DemoError", "DemoRun", "default_budget_bytes"]
 
@@ -116,6 +119,10 @@ class DemoRun:
                 stderr=err,
                 text=True,
                 start_new_session=True,
+                # `-m` puts the working directory first on sys.path; run from the
+                # directory the installed package lives in, so a kvcached source
+                # checkout in the user's cwd (no compiled core) is not imported instead.
+                cwd=_PACKAGE_PARENT,
             )
             err.close()
             self._procs.append(proc)
