@@ -26,9 +26,15 @@ KVCACHED_VLLM_ENV="$vllm_env" "$script_dir/setup_vllm_env.sh" >/dev/null
     posix_ipc psutil 2> >(grep -v "neither a file nor a directory" >&2)
 
 echo "== vLLM's own v1 core tests, kvcached active"
+# The recorded baseline failures (they fail without kvcached too: a real multimodal
+# model or a pipeline-parallel config is needed) are deselected; any other failure fails CI.
+deselect=()
+while read -r test_id; do
+    deselect+=(--deselect "$test_id")
+done < <(grep -v '^#' "$root/docs/notes/vllm-baseline-failures.txt" | grep .)
 KVCACHED_VLLM_ENV="$vllm_env" "$script_dir/run_vllm_tests.sh" \
     --expect-failures "$root/docs/notes/vllm-baseline-failures.txt" \
-    -p kvcached.integrations.vllm.testing -n 2
+    -p kvcached.integrations.vllm.testing -n 2 "${deselect[@]}"
 
 echo "== kvcached's vLLM integration tests"
 (cd "$vllm_env" && VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 HF_HOME="$vllm_env/hf-home" \
