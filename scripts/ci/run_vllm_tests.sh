@@ -58,7 +58,7 @@ if [[ ! -s "$out_dir/junit.xml" ]]; then
 fi
 
 # Per-file counts and one line per failing test, from the junit xml.
-"$env_dir/bin/python" - "$out_dir" "$env_dir/vllm-tests" "$elapsed_s" "$rc" "$expect_file" <<'PY'
+"$env_dir/bin/python" -I - "$out_dir" "$env_dir/vllm-tests" "$elapsed_s" "$rc" "$expect_file" <<'PY'
 import collections, pathlib, re, sys
 import xml.etree.ElementTree as ET
 

@@ -11,8 +11,10 @@
 # Idempotent: a finished environment carries a stamp holding a hash of this
 # script and the requirements file; while both are unchanged a second run only
 # prints the variables to use. Any step that fails leaves no stamp, and the next
-# run redoes what is missing. Needs python3.11, PyPI, and torch 2.13.0 in pip's
-# local wheel directory (pip then never fetches a multi-GB CUDA build).
+# run redoes what is missing. Python runs isolated (-I), so neither PYTHONPATH
+# nor the current directory can shadow a module. Needs python3.11, PyPI, and
+# torch 2.13.0 in pip's local wheel directory (pip then never fetches a
+# multi-GB CUDA build).
 set -euo pipefail
 
 readonly VLLM_VERSION=0.33.0
@@ -64,22 +66,22 @@ start_s=$SECONDS
 if [[ ! -x "$py" ]]; then
     log "creating venv at $env_dir"
     mkdir -p "$(dirname "$env_dir")"
-    "$PYTHON_BIN" -m venv "$env_dir"
+    "$PYTHON_BIN" -I -m venv "$env_dir"
 fi
 
 # 2. Packages. The requirements file is the whole closure, pinned, so --no-deps
 #    installs exactly it; vllm's own dependency list (CUDA kernels, torch 2.14)
 #    is deliberately not followed.
 log "installing pinned packages (torch from the local wheel)"
-"$py" -m pip install --quiet --disable-pip-version-check --no-deps \
+"$py" -I -m pip install --quiet --disable-pip-version-check --no-deps \
     -r "$req_file" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-"$py" -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert vllm.__version__ == '$VLLM_VERSION', vllm.__version__"
+"$py" -I -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert vllm.__version__ == '$VLLM_VERSION', vllm.__version__"
 
 # 3. vLLM's source distribution (tests are not in the wheel): its URL and sha256
 #    come from the package index's JSON (PEP 691) listing.
 log "fetching vllm-$VLLM_VERSION.tar.gz"
 mkdir -p "$env_dir/downloads"
-sdist=$("$py" - "$PYPI_SIMPLE_URL" "$VLLM_VERSION" "$env_dir/downloads" <<'PY'
+sdist=$("$py" -I - "$PYPI_SIMPLE_URL" "$VLLM_VERSION" "$env_dir/downloads" <<'PY'
 import hashlib, json, pathlib, sys, urllib.request
 
 index_url, version, dest_dir = sys.argv[1:]
@@ -122,7 +124,7 @@ rm -rf "$tests_dir" "$env_dir/sdist"
 mkdir -p "$env_dir/sdist"
 tar -xzf "$sdist" -C "$env_dir/sdist" \
     "vllm-$VLLM_VERSION/tests" "vllm-$VLLM_VERSION/pyproject.toml"
-"$py" - "$env_dir/sdist/vllm-$VLLM_VERSION" "$tests_dir" "${test_seeds[@]}" <<'PY'
+"$py" -I - "$env_dir/sdist/vllm-$VLLM_VERSION" "$tests_dir" "${test_seeds[@]}" <<'PY'
 import ast, pathlib, shutil, sys, tomllib
 
 src_root, dest_root = map(pathlib.Path, sys.argv[1:3])
@@ -220,7 +222,7 @@ PY
 # 5. An offline Hugging Face cache with a config.json (transformers' defaults for
 #    the architecture) for each model the tests name; no weights, no tokenizer.
 log "writing config-only HF cache at $hf_home"
-"$py" - "$hf_home" <<'PY'
+"$py" -I - "$hf_home" <<'PY'
 import pathlib, sys
 import transformers
 
