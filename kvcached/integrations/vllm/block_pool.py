@@ -139,11 +139,17 @@ class ElasticBlockPool(BlockPool):
         return FREE
 
     def _resync(self, blocks: Iterable[Any]) -> None:
-        kv = self.kv
+        # One set_states call per state, not per block: free_blocks is on the scheduler's path.
+        by_state: dict[int, list[int]] = {FREE: [], USED: [], CACHED: []}
+        pool_blocks, num = self.blocks, self.num_gpu_blocks
         for block in blocks:
-            if block.is_null or block.block_id >= self.num_gpu_blocks or self.blocks[block.block_id] is not block:
+            block_id = block.block_id
+            if block.is_null or block_id >= num or pool_blocks[block_id] is not block:
                 continue  # the null block, or a block of another pool
-            kv.set_states((block.block_id,), self._state_of(block))
+            by_state[self._state_of(block)].append(block_id)
+        for state, ids in by_state.items():
+            if ids:
+                self.kv.set_states(ids, state)
 
     def _evict_cached(self, block_ids: list[int]) -> None:
         # Called by VllmPages under kv_lock when a limit needs these blocks' pages.
