@@ -109,7 +109,8 @@ _VARS: list[EnvVar] = [
     EnvVar("KVCACHED_TRIM_IDLE_S", _parse_nonneg_float, 0.5, "seconds without allocation after which the reserve is trimmed", "a number >= 0"),
     EnvVar("KVCACHED_RESERVE_MAX_PAGES", _parse_nonneg_int, 64, "most page groups the background reserve keeps mapped ahead", "an integer >= 0"),
     EnvVar("KVCACHED_RESERVE_MIN_PAGES", _parse_nonneg_int, 1, "page groups the reserve keeps mapped even when idle", "an integer >= 0"),
-    EnvVar("KVCACHED_IDLE_CACHE_MAX", _parse_size, 256 << 20, "prefix-cache bytes an engine keeps once idle for KVCACHED_TRIM_IDLE_S (the rest is evicted, its pages unmapped)", "a size such as 256MiB"),
+    EnvVar("KVCACHED_IDLE_CACHE_MAX", _parse_size, 256 << 20, "cold prefix cache an engine keeps mapped: cached blocks on pages untouched for KVCACHED_TRIM_IDLE_S beyond this are evicted, their pages unmapped", "a size such as 256MiB"),
+    EnvVar("KVCACHED_MAP_WAIT_S", _parse_nonneg_float, 30.0, "how long a vLLM engine waits for memory the budget or device refused after its capacity check, before it gives up", "a number >= 0"),
     EnvVar("KVCACHED_PREFIX_CACHE_MAX", _parse_size, 0, "bytes of freed-but-cached prefix blocks kept (0: unbounded up to the limit)", "a size such as 1GiB, or 0"),
     # Engine integrations.
     EnvVar("KVCACHED_VIRTUAL_BYTES", _parse_size, 0, "virtual KV size an engine reports (0: the device's total memory)", "a size such as 80GiB, or 0"),

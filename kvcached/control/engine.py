@@ -9,8 +9,9 @@ a heartbeat.
 
 Memory moves between engines without a daemon: when an engine is refused memory while
 under its own limit (the GPU budget or the device is full), its watcher stamps the GPU's
-``pressure_ns``; every other watcher on that GPU then hands its idle reserve pages back
-(``pool.trim_reserve()``) instead of waiting for its idle-trim timer.
+``pressure_ns``; every other watcher on that GPU then hands its idle reserve pages and
+its cache-only pages back (``pool.trim_reserve()``) instead of waiting for its idle-trim
+timer.
 
 The library installs no signal handlers and prints nothing; a dead engine's slot is
 reclaimed by whoever looks next.
@@ -31,6 +32,7 @@ from kvcached.control.errors import InvalidValue
 from kvcached.control.layout import (
     FLAG_LIMIT_MET,
     FLAG_WATCH_ERROR,
+    NO_LIMIT,
     EngineKind,
     EngineState,
     decode_limit,
@@ -238,6 +240,20 @@ class EngineHandle:
         with self.segment.lock():
             self.segment.bump_generation()
 
+    def budget_room_bytes(self) -> int | None:
+        """Bytes the GPU's budget still admits (None: no budget, or closed).
+
+        A hint for capacity estimates: another engine may map them first, so a map can
+        still be refused.
+        """
+        if self._closed:
+            return None
+        gpu = self._gpu
+        budget = int(gpu.budget_bytes)
+        if budget == NO_LIMIT:
+            return None
+        return max(0, budget - int(gpu.mapped_bytes))
+
     @contextmanager
     def _writing(self) -> Iterator[None]:
         with self._write_lock, registry.engine_write(self._slot):
@@ -312,7 +328,7 @@ class EngineHandle:
         pressure_ns = int(gpu.pressure_ns)
         if pressure_ns > self._pressure_seen_ns:
             self._pressure_seen_ns = pressure_ns
-            if stats.reserve_bytes and now_ns - pressure_ns < _PRESSURE_TTL_NS:
+            if (stats.reserve_bytes or stats.cached_bytes) and now_ns - pressure_ns < _PRESSURE_TTL_NS:
                 self.pool.trim_reserve()
 
     def __repr__(self) -> str:

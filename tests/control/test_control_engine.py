@@ -221,6 +221,22 @@ def test_a_real_kvpool_attaches_with_its_own_arena_and_backend(shm_name: str, co
         pool.close()
 
 
+def test_budget_room_is_what_the_budget_still_admits(shm_name: str, controller: Controller) -> None:
+    a, b = make_pool(8, start_thread=False), make_pool(8, start_thread=False)
+    try:
+        with attach(a, shm_name, "a") as ha, attach(b, shm_name, "b") as hb:
+            assert ha.budget_room_bytes() is None  # no budget yet
+            controller.set_budget(0, 5 * PAGE_BYTES)
+            alloc_pages(a, 2)
+            alloc_pages(b, 1)
+            assert ha.budget_room_bytes() == hb.budget_room_bytes() == 2 * PAGE_BYTES
+            controller.set_budget(0, 2 * PAGE_BYTES)  # below what is mapped: no room, not negative
+            assert ha.budget_room_bytes() == 0
+        assert ha.budget_room_bytes() is None  # closed
+    finally:
+        a.close()
+        b.close()
+
 def test_a_refused_engine_makes_the_others_give_back_their_reserve(shm_name: str, controller: Controller) -> None:
     a, b = make_pool(8, start_thread=False), make_pool(8, start_thread=False)
     trims: list[int] = []

@@ -150,3 +150,49 @@ def test_pressure_from_another_engine_gives_back_cache_only_pages(make):
     assert pages.trim_reserve() == 2
     assert arena.mapped_pages() == [0]
     pages.check_integrity()
+
+
+def test_budget_room_caps_capacity_and_asks_the_others_for_memory(make):
+    room = {"bytes": 3 * 2 * PAGE}
+    pages, arena = make(budget_room=lambda: room["bytes"])
+    assert pages.room_pages() == 3
+    assert pages.num_mappable_blocks() == 3 * BPP
+    assert pages.stats().num_denied == 1  # the budget, not the limit, stopped us: recorded
+    pages.num_mappable_blocks()
+    assert pages.stats().num_denied == 1  # at most one note per 50 ms
+    room["bytes"] = 2 * PAGE - 1  # less than one page group
+    assert pages.room_pages() == 0
+    assert not pages.ensure_mapped([1])
+    assert arena.mapped_pages() == [0]
+    room["bytes"] = None  # no budget: the limit alone decides
+    assert pages.room_pages() == pages.num_pages - 1
+
+
+def test_cold_cache_beyond_the_bound_goes_while_the_engine_is_busy(make):
+    import time
+
+    evicted: list[list[int]] = []
+    pages, arena = make(evicted=evicted, trim_idle_s=0.2, reserve_pages=0, idle_cache_bytes=0)
+    pages.ensure_mapped([1, 2, 3])
+    pages.set_states(range(16, 64), USED)
+    pages.set_states(range(16, 32), CACHED)  # page 1: cache only, from now on
+    t_cold = time.monotonic()
+    pages.set_states(range(32, 48), CACHED)  # page 2: cache only too
+    pages.set_states(range(33, 34), USED)  # ... until a prefix hit takes a block again
+    pages.set_states(range(48, 64), USED)  # page 3 keeps serving: the engine is busy
+    pages.maintain(now=t_cold + 0.1)
+    assert evicted == []  # not cold long enough
+    pages.maintain(now=t_cold + 0.3)
+    assert sorted(b for call in evicted for b in call) == list(range(16, 32))
+    assert arena.mapped_pages() == [0, 2, 3]  # page 1 went back at once
+    pages.check_integrity()
+
+
+def test_blocks_on_mapped_pages_are_found_free_first(make):
+    pages, _ = make()
+    pages.ensure_mapped([1, 2])
+    pages.set_states(range(1, 48), USED)  # pages 0-2 full
+    pages.set_states(range(16, 20), CACHED)
+    pages.set_states(range(40, 44), FREE)
+    assert pages.free_blocks_on_mapped_pages(6) == [40, 41, 42, 43, 16, 17]
+    assert pages.free_blocks_on_mapped_pages(100) == [40, 41, 42, 43, 16, 17, 18, 19]

@@ -16,17 +16,17 @@ Imported only after ``vllm.v1.core.block_pool`` exists (by the post-import hook)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from vllm.v1.core.block_pool import BlockPool
 
+from kvcached import envs
 from kvcached.integrations.vllm import runtime
 from kvcached.integrations.vllm.pages import CACHED, FREE, USED, VllmPages
 
 __all__ = ["ElasticBlockPool"]
-
-_MAX_DEFERS = 8
 
 
 class ElasticBlockPool(BlockPool):
@@ -50,23 +50,40 @@ class ElasticBlockPool(BlockPool):
         with self.kv_lock:
             if num_blocks > self.get_num_free_blocks():
                 raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
-            kv = self.kv
-            for _ in range(_MAX_DEFERS):
-                upcoming = self._peek(num_blocks)
-                pages = kv.pages_of(b.block_id for b in upcoming)
-                if not pages or kv.ensure_mapped(pages):
-                    break
-                # The limit or the device refused: let blocks on mapped pages go first.
-                self._defer_unmapped(upcoming)
-            else:
-                raise ValueError(
-                    f"kvcached: cannot map memory for {num_blocks} blocks (limit {kv.limit_bytes}, "
-                    "GPU budget or device full); this is a bug in the capacity estimate"
-                )
+            self._map_upcoming(num_blocks)
             blocks = super().get_new_blocks(num_blocks)
+            kv = self.kv
             kv.set_states((b.block_id for b in blocks), USED)
             kv.want_prefetch(b.block_id for b in self._peek(kv.blocks_per_page * max(1, kv.reserve_pages)))
             return blocks
+
+    def _map_upcoming(self, num_blocks: int) -> None:
+        """Make the next ``num_blocks`` of vLLM's free queue sit on mapped pages.
+
+        Their pages are mapped if the limit and the budget allow; otherwise free blocks
+        on mapped pages move to the head of the queue first. If the device or the budget
+        still refuses (another engine took the room since the capacity check), wait for
+        memory, with the lock released, up to ``KVCACHED_MAP_WAIT_S``.
+        """
+        kv, deadline = self.kv, None
+        while True:
+            pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))
+            if not pages or kv.ensure_mapped(pages):
+                return
+            on_mapped = kv.free_blocks_on_mapped_pages(num_blocks)
+            self._to_front([self.blocks[i] for i in on_mapped])
+            pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))
+            if not pages or kv.ensure_mapped(pages):
+                return
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + envs.get("KVCACHED_MAP_WAIT_S")
+            elif now >= deadline:
+                raise MemoryError(
+                    f"kvcached: no memory for {num_blocks} KV blocks after {envs.get('KVCACHED_MAP_WAIT_S'):g} s "
+                    f"(limit {kv.limit_bytes}, GPU budget or device full)"
+                )
+            kv.wait(0.005)
 
     def touch(self, blocks: Sequence[Any]) -> None:
         with self.kv_lock:
@@ -123,13 +140,17 @@ class ElasticBlockPool(BlockPool):
             block = block.next_free_block
         return out
 
-    def _defer_unmapped(self, upcoming: list[Any]) -> None:
-        kv, queue = self.kv, self.free_block_queue
-        unmapped = set(kv.pages_of(b.block_id for b in upcoming))
-        for block in upcoming:
-            if block.block_id // kv.blocks_per_page in unmapped:
-                queue.remove(block)
-                queue.append(block)
+    def _to_front(self, blocks: list[Any]) -> None:
+        """Move free ``blocks`` to the head of vLLM's free queue, in the given order."""
+        queue = self.free_block_queue
+        head = queue.fake_free_list_head
+        for block in reversed(blocks):
+            queue.remove(block)
+            first = head.next_free_block
+            block.prev_free_block, block.next_free_block = head, first
+            head.next_free_block = block
+            first.prev_free_block = block
+            queue.num_free_blocks += 1
 
     def _state_of(self, block: Any) -> int:
         if block.ref_cnt > 0:

@@ -11,7 +11,13 @@ choice alone and keeps physical memory under exactly the blocks that need it:
   its blocks are free and it stayed so for ``trim_idle_s`` (keeping ``reserve_pages``
   empty page groups mapped ahead);
 * a limit (``set_limit_bytes``) is never exceeded: lowering it unmaps empty page groups
-  and asks the block pool to evict cached blocks on pages with no used block.
+  and asks the block pool to evict cached blocks on pages with no used block;
+* capacity also counts the GPU budget's room (:attr:`budget_room`, set once the engine
+  is registered), so vLLM is told "not now" instead of being handed blocks that
+  cannot be mapped;
+* the prefix cache keeps at most ``idle_cache_bytes`` of *cold* pages (pages holding
+  only cached blocks, untouched for ``trim_idle_s``); beyond that they are evicted and
+  unmapped, busy or idle, so memory returns after a peak while the engine still serves.
 
 Pages the scheduler is about to need (the head of vLLM's free queue) are mapped ahead
 by a background thread, so allocation rarely waits for the driver.
@@ -49,6 +55,9 @@ class VllmPages:
             must go (the limit needs their pages); it must turn them into free blocks.
         trim_idle_s: how long a page group stays empty before it is unmapped.
         reserve_pages: empty page groups kept mapped ahead of demand.
+        idle_cache_bytes: cold prefix cache kept mapped (None: keep every cached block).
+        budget_room: bytes the GPU budget still admits (None: no budget); the control
+            plane's ``EngineHandle.budget_room_bytes`` once registered.
         start_thread: run the prefetch/trim thread (tests may drive :meth:`maintain`).
     """
 
@@ -63,6 +72,7 @@ class VllmPages:
         trim_idle_s: float = 0.5,
         reserve_pages: int = 1,
         idle_cache_bytes: int | None = None,
+        budget_room: Callable[[], int | None] | None = None,
         start_thread: bool = True,
     ) -> None:
         if num_blocks <= 0 or blocks_per_page <= 0 or block_bytes <= 0:
@@ -81,12 +91,15 @@ class VllmPages:
         self.trim_idle_s = trim_idle_s
         self.reserve_pages = reserve_pages
         self.idle_cache_bytes = idle_cache_bytes  # None: keep every cached block
+        self.budget_room = budget_room
+        self._budget_noted = 0.0
         self._last_activity = time.monotonic()
         self._state = bytearray(num_blocks)
         self._page = bytearray(self.num_pages)  # mapping state
         self._held = [0] * self.num_pages  # used + cached blocks per page
         self._cached = [0] * self.num_pages
         self._empty_since: dict[int, float] = {}  # mapped pages with no held block
+        self._cold_since: dict[int, float] = {}  # pages whose held blocks are all cached
         self._prefetch: list[int] = []
         self._num_used = self._num_cached = self._num_mapped = 0
         self._limit_pages = self.num_pages
@@ -122,13 +135,51 @@ class VllmPages:
         return sorted({b // bpp for b in block_ids if page[b // bpp] != _MAPPED})
 
     def room_pages(self) -> int:
-        """Page groups that may still be mapped under the limit."""
-        return max(0, self._limit_pages - self._num_mapped)
+        """Page groups that may still be mapped under the limit and the GPU budget."""
+        room = max(0, self._limit_pages - self._num_mapped)
+        if self.budget_room is not None and room:
+            budget = self.budget_room()
+            if budget is not None:
+                room = min(room, budget // self.group_bytes)
+        return room
 
     def num_mappable_blocks(self) -> int:
-        """Free blocks on unmapped pages that the limit allows to map, roughly."""
+        """Free blocks on unmapped pages that the limit and the budget allow to map, roughly.
+
+        When the budget (not the limit) is what stops this engine, that is recorded as a
+        denial at most every 50 ms, so the control plane asks the other engines to give
+        back idle and cold pages.
+        """
         unmapped_pages = self.num_pages - self._num_mapped
-        return min(unmapped_pages, self.room_pages()) * self.blocks_per_page
+        room = self.room_pages()
+        if room < unmapped_pages and room < self._limit_pages - self._num_mapped:
+            now = time.monotonic()
+            if now - self._budget_noted >= 0.05:
+                self._budget_noted = now
+                self._deny(self.group_bytes)
+        return min(unmapped_pages, room) * self.blocks_per_page
+
+    def free_blocks_on_mapped_pages(self, n: int) -> list[int]:
+        """Up to ``n`` block ids that need no mapping: free blocks on mapped page groups
+        first, then cached ones (handing those out evicts their prefix-cache entry)."""
+        bpp, page, state = self.blocks_per_page, self._page, self._state
+        free: list[int] = []
+        cached: list[int] = []
+        for p in range(self.num_pages):
+            if page[p] != _MAPPED or self._held[p] - self._cached[p] == bpp:
+                continue
+            for b in range(p * bpp, min((p + 1) * bpp, self.num_blocks)):
+                if state[b] == FREE:
+                    free.append(b)
+                elif state[b] == CACHED:
+                    cached.append(b)
+            if len(free) >= n:
+                break
+        return (free + cached)[:n]
+
+    def wait(self, timeout_s: float) -> None:
+        """Release :attr:`lock` for up to ``timeout_s`` (other threads may trim, map or free)."""
+        self._cond.wait(timeout_s)
 
     def num_blocks_on_mapped_pages(self) -> int:
         """Free and cached blocks on mapped page groups (no mapping needed to use them)."""
@@ -209,30 +260,29 @@ class VllmPages:
         return self._limit_bytes
 
     def trim_reserve(self) -> int:
-        """Another engine needs memory: evict cached blocks on pages with no used block,
-        and unmap every empty page group now. Returns how many were unmapped."""
+        """Another engine needs memory: evict the cached blocks of every page with no used
+        block, and unmap every empty page group now. Returns how many were unmapped."""
         with self.lock:
-            self._evict_cache_pages(None)
+            self._evict_cold_pages(0, float("inf"))
             pages = self._empty_pages(self.num_pages, include_reserve=True)
             self._unmap_now(pages)
             return len(pages)
 
-    def _evict_cache_pages(self, keep_bytes: int | None) -> None:
-        """Evict the cached blocks of pages that hold no used block (newest pages first),
-        until at most ``keep_bytes`` of cache remain (None: all such pages)."""
-        if self.evict_cached is None or not self._num_cached:
+    def _evict_cold_pages(self, keep_bytes: int, cold_before: float) -> None:
+        """Evict the cached blocks of pages cold since ``cold_before`` or longer (the
+        longest-cold first) until at most ``keep_bytes`` of cache remain."""
+        if self.evict_cached is None:
             return
-        bpp, excess = self.blocks_per_page, None
-        if keep_bytes is not None:
-            excess = self._num_cached - keep_bytes // self.block_bytes
-            if excess <= 0:
-                return
-        victims: list[int] = []
-        for p in range(self.num_pages - 1, 0, -1):
-            if self._cached[p] and self._held[p] == self._cached[p]:
-                victims.extend(b for b in range(p * bpp, min((p + 1) * bpp, self.num_blocks)) if self._state[b] == CACHED)
-                if excess is not None and len(victims) >= excess:
-                    break
+        excess = self._num_cached - keep_bytes // self.block_bytes
+        if excess <= 0:
+            return
+        bpp, victims = self.blocks_per_page, list[int]()
+        for p, since in sorted(self._cold_since.items(), key=lambda item: item[1]):
+            if since > cold_before or len(victims) >= excess:
+                break
+            if p == 0 or self._page[p] != _MAPPED:
+                continue
+            victims.extend(b for b in range(p * bpp, min((p + 1) * bpp, self.num_blocks)) if self._state[b] == CACHED)
         if victims:
             self.evict_cached(victims)
             self._num_evicted += len(victims)
@@ -296,11 +346,10 @@ class VllmPages:
                     self._num_mapped_total += len(pages)
                 self._cond.notify_all()
         with self.lock:
-            if self.idle_cache_bytes is not None and now - self._last_activity >= self.trim_idle_s:
-                # Idle: the prefix cache shrinks to its idle bound, and the pages that
-                # frees go back at once.
+            if self.idle_cache_bytes is not None and self._num_cached * self.block_bytes > self.idle_cache_bytes:
+                # Cold cache beyond its bound goes, and the pages that frees go back at once.
                 before = set(self._empty_since)
-                self._evict_cache_pages(self.idle_cache_bytes)
+                self._evict_cold_pages(self.idle_cache_bytes, now - self.trim_idle_s)
                 self._unmap_now(sorted(p for p in self._empty_since if p not in before and self._page[p] == _MAPPED))
             idle = [p for p, t in self._empty_since.items() if now - t >= self.trim_idle_s]
             keep = self.reserve_pages if len(idle) < len(self._empty_since) else min(self.reserve_pages, 1)
@@ -352,7 +401,8 @@ class VllmPages:
 
     def _set_states(self, block_ids: Iterable[int], state: int) -> None:
         st, bpp, held, cached, empty = self._state, self.blocks_per_page, self._held, self._cached, self._empty_since
-        self._last_activity = time.monotonic()
+        cold = self._cold_since
+        now = self._last_activity = time.monotonic()
         for b in block_ids:
             old = st[b]
             if old == state:
@@ -375,7 +425,11 @@ class VllmPages:
             elif state == FREE:
                 held[p] -= 1
                 if held[p] == 0:
-                    empty[p] = time.monotonic()
+                    empty[p] = now
+            if held[p] and held[p] == cached[p]:
+                cold.setdefault(p, now)  # only cached blocks left: cold from now on
+            else:
+                cold.pop(p, None)
 
     def _empty_pages(self, n: int, include_reserve: bool) -> list[int]:
         pages = sorted((p for p in self._empty_since if self._page[p] == _MAPPED), key=lambda p: -p)

@@ -95,6 +95,8 @@ def make_pages(num_blocks: int, evict_cached: Callable[[list[int]], None]) -> Vl
             )
             kv.pages = pages
             kv.handle = _attach(pages, kv)
+            if kv.handle is not None:
+                pages.budget_room = kv.handle.budget_room_bytes
             return pages
     return _standalone_pages(num_blocks, evict_cached, trim_idle_s, reserve_pages)
 

@@ -113,6 +113,37 @@ def test_limit_caps_what_vllm_may_take_and_is_never_exceeded():
     assert pool.get_num_free_blocks() == can
 
 
+def test_a_full_budget_hands_out_blocks_on_mapped_pages_first():
+    pool = new_pool()
+    kv = pool.kv
+    held = pool.get_new_blocks(2 * kv.blocks_per_page)  # two page groups' worth
+    pool.free_blocks(held[: kv.blocks_per_page])  # one group's worth free again, still mapped
+    mapped = kv.mapper.mapped_pages()
+    kv.budget_room = lambda: 0  # the GPU budget is full: nothing more may be mapped
+    can = pool.get_num_free_blocks()
+    assert can == kv.num_blocks_on_mapped_pages() >= kv.blocks_per_page
+    blocks = pool.get_new_blocks(can)  # vLLM's queue head is unmapped: ours come first
+    assert kv.mapper.mapped_pages() == mapped
+    assert all(b.block_id // kv.blocks_per_page in mapped for b in blocks)
+    kv.check_integrity()
+
+
+def test_a_refused_map_waits_for_memory_and_then_gives_up(monkeypatch):
+    import time
+
+    monkeypatch.setenv("KVCACHED_MAP_WAIT_S", "0.2")
+    pool = new_pool()
+    kv = pool.kv
+    kv.budget_room = lambda: None  # the capacity check sees room ...
+    monkeypatch.setattr(kv, "ensure_mapped", lambda pages: False)  # ... but every map is refused
+    t0 = time.monotonic()
+    with pytest.raises(MemoryError, match=r"no memory for 100 KV blocks after 0\.2 s"):
+        pool.get_new_blocks(100)
+    assert time.monotonic() - t0 >= 0.2
+    assert pool.get_num_free_blocks() == 4095  # nothing was handed out
+    kv.check_integrity()
+
+
 def test_the_coordinator_builds_the_elastic_pool():
     import vllm.v1.core.kv_cache_coordinator as coordinator
     from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: F401 - the patched chain imports
@@ -160,3 +191,4 @@ def test_kv_tensors_have_vllms_shapes_and_strides_over_the_arena():
     kv.arena.map([1])
     assert torch.equal(ours[layers[2]][3], expected)
     assert ours[layers[2]][kv.blocks_per_page + 1].abs().sum().item() == 0  # fresh memory
+
