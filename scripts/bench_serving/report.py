@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Tables and plots from the serving benchmark's JSON files (``run.py``).
+
+    python3 scripts/bench_serving/report.py docs/results/serving/serving_static.json \
+        docs/results/serving/serving_kvcached.json docs/results/serving/serving_overhead.json \
+        --img docs/img --md docs/results/serving/summary.md
+
+Prints (and writes with ``--md``) markdown tables: static vs kvcached per peak rate
+(TTFT mean/p99, TPOT, throughput, the ratios), how fast each model's mapped memory fell
+back after its peak, and the single-engine overhead of kvcached. Plots (``--img``):
+``serving_ttft.png`` (TTFT mean and p99 against the peak rate) and
+``serving_memory.png`` (KV memory and queue of each engine over one contended run).
+``--split DIR`` also writes one JSON per run there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by configuration (static, kvcached, overhead), each with the file's meta."""
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        for run in doc["runs"]:
+            run["meta"] = doc["meta"]
+            by_config.setdefault(doc["meta"]["config"], []).append(run)
+    return by_config
+
+
+def peak_rate(run: dict[str, Any]) -> float:
+    return float(run["schedule"].get("peak_rps", run["schedule"].get("rps", 0.0)))
+
+
+def ms(x: float | None) -> str:
+    return "–" if x is None else f"{x * 1e3:,.0f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "–" if not a or not b else f"{a / b:.2f}×"
+
+
+def headline_table(static: list[dict[str, Any]], elastic: list[dict[str, Any]]) -> str:
+    rows = [
+        "| lengths | peak req/s | requests | TTFT mean static / kvcached (ms) | TTFT p99 static / kvcached (ms) "
+        "| p99 gain | TPOT mean static / kvcached (ms) | tok/s static / kvcached |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    pairs = {(r["kind"], peak_rate(r)): r for r in static}
+    for run in sorted(elastic, key=lambda r: (r["kind"], peak_rate(r))):
+        key = (run["kind"], peak_rate(run))
+        if key not in pairs:
+            continue
+        s, k = pairs[key]["summary"], run["summary"]
+        rows.append(
+            f"| {run['kind']} | {key[1]:g} | {k['count']} | {ms(s['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} "
+            f"| {ms(s['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} | {ratio(s['ttft_p99_s'], k['ttft_p99_s'])} "
+            f"| {ms(s['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} "
+            f"| {s['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def series(run: dict[str, Any], engine: str, key: str) -> list[tuple[float, float]]:
+    return [(s["t"], float(s["engines"].get(engine, {}).get(key, 0.0) or 0.0)) for s in run["samples"]]
+
+
+def memory_return(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per engine: when its queue drained after its peak, and when its mapped memory fell
+    back to its base-load level (the lead window's peak plus 256 MiB, or 1.5× it)."""
+    out = []
+    windows = run.get("peak_windows") or {}
+    lead_end = min((w[0] for w in windows.values()), default=0.0)
+    for engine, (start, end) in sorted(windows.items()):
+        running, waiting, mapped = (
+            series(run, engine, k) for k in ("num_requests_running", "num_requests_waiting", "mapped")
+        )
+        lead_run = [v for t, v in running if t < lead_end] or [0.0]
+        lead_map = [v for t, v in mapped if t < lead_end] or [0.0]
+        base_running = sorted(lead_run)[int(0.95 * (len(lead_run) - 1))]
+        base_mapped = max(lead_map)
+        threshold = max(base_mapped + 256 * MiB, 1.5 * base_mapped)
+        peak_mapped = max((v for t, v in mapped if start <= t), default=0.0)
+        t_drain = next(
+            (t for (t, r), (_, w) in zip(running, waiting) if t >= end and w == 0 and r <= base_running + 2), None
+        )
+        t_mem = None
+        if t_drain is not None:
+            t_mem = next((t for t, m in mapped if t >= t_drain and m <= threshold), None)
+        out.append(
+            {
+                "engine": engine,
+                "peak_mapped": peak_mapped,
+                "base_mapped": base_mapped,
+                "t_drain": t_drain,
+                "t_mem": t_mem,
+                "lag_s": None if t_mem is None or t_drain is None else round(t_mem - t_drain, 2),
+            }
+        )
+    return out
+
+
+def memory_table(elastic: list[dict[str, Any]]) -> str:
+    rows = [
+        "| run | engine | base-load mapped (MiB) | peak mapped (MiB) | queue drained at (s) | memory back at (s) | lag (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in elastic:
+        for m in memory_return(run):
+            rows.append(
+                f"| {run['label']} | {m['engine']} | {m['base_mapped'] / MiB:,.0f} | {m['peak_mapped'] / MiB:,.0f} "
+                f"| {m['t_drain'] if m['t_drain'] is not None else '–'} | {m['t_mem'] if m['t_mem'] is not None else '–'} "
+                f"| {m['lag_s'] if m['lag_s'] is not None else '–'} |"
+            )
+    return "\n".join(rows)
+
+
+def overhead_table(runs: list[dict[str, Any]]) -> str:
+    rows = [
+        "| load | req/s | requests | tok/s vanilla / kvcached | ratio | TTFT mean (ms) | ratio | TTFT p99 (ms) "
+        "| TPOT mean (ms) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by = {r["label"]: r for r in runs}
+    for label, run in by.items():
+        if not label.startswith("overhead-vanilla-"):
+            continue
+        load_name = label.removeprefix("overhead-vanilla-")
+        other = by.get(f"overhead-kvcached-{load_name}")
+        if other is None:
+            continue
+        v, k = run["summary"], other["summary"]
+        rows.append(
+            f"| {load_name} | {peak_rate(run):g} | {k['count']} | {v['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} "
+            f"| {ratio(k['output_tokens_per_s'], v['output_tokens_per_s'])} "
+            f"| {ms(v['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} | {ratio(k['ttft_mean_s'], v['ttft_mean_s'])} "
+            f"| {ms(v['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} "
+            f"| {ms(v['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} | {ratio(k['tpot_mean_s'], v['tpot_mean_s'])} |"
+        )
+    return "\n".join(rows)
+
+
+def plot_ttft(static: list[dict[str, Any]], elastic: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for runs, name, color in ((static, "static", "tab:red"), (elastic, "kvcached", "tab:blue")):
+        fixed = sorted((r for r in runs if r["kind"] == "fixed"), key=peak_rate)
+        rates = [peak_rate(r) for r in fixed]
+        ax.plot(rates, [r["summary"]["ttft_mean_s"] for r in fixed], "o--", color=color, label=f"{name} mean")
+        ax.plot(rates, [r["summary"]["ttft_p99_s"] for r in fixed], "s-", color=color, label=f"{name} p99")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak request rate per model (req/s)")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_title("Three 8B engines on one GPU, staggered peaks (256/256)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_memory(static_run: dict[str, Any] | None, elastic_run: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("kvcached", elastic_run)] + ([("static", static_run)] if static_run else [])
+    fig, axes = plt.subplots(2, len(panels), figsize=(6.0 * len(panels), 6.0), sharex=True, squeeze=False)
+    for col, (name, run) in enumerate(panels):
+        mem_ax, queue_ax = axes[0][col], axes[1][col]
+        for i, (engine, (start, end)) in enumerate(sorted((run.get("peak_windows") or {}).items())):
+            color = f"C{i}"
+            mapped = series(run, engine, "mapped")
+            used = series(run, engine, "used")
+            mem_ax.plot([t for t, _ in mapped], [v / GiB for _, v in mapped], color=color, label=f"{engine} mapped")
+            mem_ax.plot([t for t, _ in used], [v / GiB for _, v in used], color=color, ls=":", label=f"{engine} used")
+            waiting = series(run, engine, "num_requests_waiting")
+            running = series(run, engine, "num_requests_running")
+            queue_ax.plot([t for t, _ in running], [v for _, v in running], color=color, label=f"{engine} running")
+            queue_ax.plot(
+                [t for t, _ in waiting], [v for _, v in waiting], color=color, ls="--", label=f"{engine} waiting"
+            )
+            for ax in (mem_ax, queue_ax):
+                ax.axvspan(start, end, color=color, alpha=0.07)
+        mem_ax.set_title(f"{name}: {run['label']}")
+        mem_ax.set_ylabel("KV memory (GiB)")
+        queue_ax.set_ylabel("requests")
+        queue_ax.set_xlabel("time (s)")
+        mem_ax.legend(fontsize=7, ncol=3)
+        queue_ax.legend(fontsize=7, ncol=3)
+        for ax in (mem_ax, queue_ax):
+            ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--img", help="directory for the plots")
+    ap.add_argument("--md", help="write the tables to this file too")
+    ap.add_argument("--memory-run", help="label of the kvcached run to plot over time (default: the busiest fixed one)")
+    ap.add_argument("--split", help="directory for one JSON per run")
+    args = ap.parse_args()
+    by = load(args.files)
+    static, elastic, over = by.get("static", []), by.get("kvcached", []), by.get("overhead", [])
+    parts = []
+    if static and elastic:
+        parts += ["### Static slices vs kvcached, per peak rate", headline_table(static, elastic)]
+        parts += ["### Memory back after each peak (kvcached)", memory_table(elastic)]
+    if over:
+        parts += ["### One engine: vanilla vLLM vs vLLM with kvcached", overhead_table(over)]
+    text = "\n\n".join(parts) + "\n"
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    if args.img and static and elastic:
+        os.makedirs(args.img, exist_ok=True)
+        plot_ttft(static, elastic, os.path.join(args.img, "serving_ttft.png"))
+        fixed = sorted((r for r in elastic if r["kind"] == "fixed"), key=peak_rate)
+        chosen = next((r for r in elastic if r["label"] == args.memory_run), fixed[-1] if fixed else elastic[-1])
+        twin = next((r for r in static if r["kind"] == chosen["kind"] and peak_rate(r) == peak_rate(chosen)), None)
+        plot_memory(twin, chosen, os.path.join(args.img, "serving_memory.png"))
+    if args.split:
+        os.makedirs(args.split, exist_ok=True)
+        for config, runs in by.items():
+            for run in runs:
+                with open(os.path.join(args.split, f"{run['label']}.json"), "w") as f:
+                    json.dump(run, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""Serving benchmark on one GPU: vLLM servers with static KV slices vs kvcached.
+
+Run on the GPU machine after ``scripts/gpu/stage_vllm.sh`` (vLLM in /tmp/site) and
+``pip install --no-build-isolation --no-deps .`` (kvcached with its import hook):
+
+    export PYTHONPATH=/tmp/site
+    python3 scripts/gpu/make_model.py /tmp/llama8b
+    # three engines under staggered peaks, one configuration per call:
+    python3 scripts/bench_serving/run.py multi --config static --model /tmp/llama8b --out $OUT
+    python3 scripts/bench_serving/run.py multi --config kvcached --model /tmp/llama8b --out $OUT
+    # one engine, vanilla vLLM vs vLLM with kvcached, low / medium / saturating load:
+    python3 scripts/bench_serving/run.py overhead --model /tmp/llama8b --out $OUT
+
+``static`` starts each engine with ``--kv-cache-memory-bytes`` = budget / engines (a
+fixed slice, as users co-locate vLLM today). ``kvcached`` starts the same engines under
+``kvctl launch``: each sees a virtual KV cache of the whole budget, the control plane
+caps what all of them map together at the budget (``Controller.set_budget``), and each
+engine's own limit leaves every peer a floor (``--floor``), so a peak can take the
+memory of idle engines but never starve their base load.
+
+Every run writes its requests, summaries and a memory/queue time series (0.25 s) into
+one JSON per call (``$OUT/serving_<kind>.json``); ``report.py`` turns those into the
+tables and plots of BENCHMARKS.md. ``--deadline-s`` skips runs that would not finish
+inside a device call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from client import run_in_processes, summarize, summarize_by_model  # noqa: E402
+from workload import ConstantRate, StaggeredPeaks, build_requests  # noqa: E402
+
+GiB = 1 << 30
+_METRIC_RE = re.compile(r'^(vllm:[a-z_]+)\{[^}]*model_name="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: str
+    kv_bytes: int | None = None  # the static slice, if any
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    env: dict[str, str]
+    shm_name: str | None = None
+    servers: list[Server] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    t_start: float = field(default_factory=time.time)
+
+
+# -- servers ----------------------------------------------------------------------------
+
+
+def base_env() -> dict[str, str]:
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        PYTHONUNBUFFERED="1",
+        VLLM_USE_FLASHINFER_SAMPLER="0",
+    )  # flashinfer is not staged
+    env.pop("ENABLE_KVCACHED", None)
+    return env
+
+
+def serve_cmd(args: argparse.Namespace, name: str, port: int, extra: list[str]) -> list[str]:
+    if args.fake:  # rehearsal without a GPU: the stand-in server, capacity ~ its KV slice
+        return [
+            sys.executable,
+            str(Path(__file__).with_name("fake_server.py")),
+            "--port",
+            str(port),
+            "--model",
+            name,
+            "--max-running",
+            str(args.fake_max_running),
+            "--tpot-ms",
+            "5",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        args.model,
+        "--load-format",
+        "dummy",
+        "--attention-backend",
+        "TRITON_ATTN",
+        "--max-model-len",
+        str(args.max_model_len),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        name,
+        "--seed",
+        "0",
+        "--disable-uvicorn-access-log",
+        *extra,
+        *args.extra.split(),
+    ]
+
+
+def start_server(
+    bench: Bench,
+    name: str,
+    port: int,
+    cmd: list[str],
+    env: dict[str, str],
+    kv_bytes: int | None = None,
+    log_name: str | None = None,
+) -> Server:
+    log = os.path.join(bench.args.out, log_name or f"server_{name}.log")
+    with open(log, "w") as f:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(name, port, proc, log, kv_bytes)
+    bench.servers.append(server)
+    return server
+
+
+def wait_healthy(servers: list[Server], limit_s: float) -> float:
+    t0, pending = time.time(), list(servers)
+    while pending:
+        if time.time() - t0 > limit_s:
+            raise RuntimeError(f"not healthy after {limit_s:.0f} s: {[s.name for s in pending]}")
+        for s in list(pending):
+            if s.proc.poll() is not None:
+                tail = Path(s.log).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"server {s.name} exited with {s.proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(s.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        pending.remove(s)
+            except OSError:
+                pass
+        time.sleep(1)
+    return time.time() - t0
+
+
+def stop_servers(bench: Bench) -> None:
+    for s in bench.servers:
+        if s.proc.poll() is None:
+            os.killpg(s.proc.pid, signal.SIGTERM)
+    for s in bench.servers:
+        try:
+            s.proc.wait(45)
+        except subprocess.TimeoutExpired:
+            os.killpg(s.proc.pid, signal.SIGKILL)
+            s.proc.wait()
+    bench.servers.clear()
+
+
+def warm_up(servers: list[Server]) -> None:
+    """A few short requests per server, so first-request effects stay out of the runs."""
+    warm = [
+        r
+        for i, s in enumerate(servers)
+        for r in build_requests(ConstantRate([s.name], 8.0, 1.0), seed=1000 + i, output_len=32)
+    ]
+    run_in_processes(warm, {s.name: s.url for s in servers}, timeout_s=120)
+
+
+# -- sampling -----------------------------------------------------------------------------
+
+
+class Sampler:
+    """Queue depth and KV usage of every server (from /metrics) and, under kvcached, the
+    mapped / used / cached bytes of every engine (from the control plane), every interval."""
+
+    def __init__(self, servers: list[Server], shm_name: str | None, interval_s: float = 0.25) -> None:
+        self.servers, self.interval_s = servers, interval_s
+        self.controller = None
+        if shm_name:
+            from kvcached.control import Controller
+
+            self.controller = Controller.open(shm_name, create=True)
+        self.samples: list[dict[str, Any]] = []
+        self._t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self, t0: float) -> None:
+        self._t0 = t0
+        self._thread.start()
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join()
+        if self.controller is not None:
+            self.controller.close()
+        return self.samples
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            sample: dict[str, Any] = {"t": round(time.time() - self._t0, 3), "engines": {}}
+            for s in self.servers:
+                sample["engines"][s.name] = self._scrape(s)
+            if self.controller is not None:
+                snap = self.controller.snapshot()
+                for e in snap.engines:
+                    sample["engines"].setdefault(e.name, {}).update(
+                        mapped=e.mapped_bytes, used=e.used_bytes, cached=e.cached_bytes, denied=e.num_denied
+                    )
+                sample["gpu_mapped"] = sum(g.mapped_bytes for g in snap.gpus)
+            self.samples.append(sample)
+
+    @staticmethod
+    def _scrape(s: Server) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(s.url + "/metrics", timeout=1) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, Any] = {}
+        for metric, model, value in _METRIC_RE.findall(text):
+            if metric in _METRICS and model == s.name:
+                out[metric.split(":")[1]] = float(value)
+        if s.kv_bytes is not None:
+            out["mapped"] = s.kv_bytes
+            out["used"] = int(out.get("kv_cache_usage_perc", 0.0) * s.kv_bytes)
+        return out
+
+
+def engines_idle(servers: list[Server]) -> bool:
+    return all(not Sampler._scrape(s).get("num_requests_running") for s in servers)
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+def run_one(bench: Bench, label: str, schedule: Any, kind: str, seed: int) -> None:
+    requests = build_requests(schedule, kind=kind, seed=seed)
+    urls = {s.name: s.url for s in bench.servers}
+    t0 = time.time() + 2.0
+    sampler = Sampler(bench.servers, bench.shm_name)
+    sampler.start(t0)
+    results = run_in_processes(requests, urls, t0=t0, timeout_s=600)
+    deadline = time.time() + 20
+    while time.time() < deadline and not engines_idle(bench.servers):
+        time.sleep(0.25)
+    time.sleep(2.0)  # memory after the last request: does it go back?
+    samples = sampler.stop()
+    summary = summarize(results)
+    run = {
+        "label": label,
+        "kind": kind,
+        "seed": seed,
+        "schedule": schedule.describe(),
+        "num_requests": len(requests),
+        "summary": summary,
+        "by_model": summarize_by_model(results),
+        "results": [r.to_dict() for r in results],
+        "samples": samples,
+    }
+    if hasattr(schedule, "peak_window"):
+        run["peak_windows"] = {s.name: schedule.peak_window(s.name) for s in bench.servers}
+    bench.runs.append(run)
+    print(
+        f"[{label}] {summary['ok']}/{summary['count']} ok, TTFT mean {(summary['ttft_mean_s'] or 0) * 1e3:.0f} ms "
+        f"p99 {(summary['ttft_p99_s'] or 0) * 1e3:.0f} ms, TPOT mean {(summary['tpot_mean_s'] or 0) * 1e3:.1f} ms, "
+        f"{summary['output_tokens_per_s'] or 0:.0f} tok/s",
+        flush=True,
+    )
+    save(bench)
+
+
+def fits(bench: Bench, seconds: float) -> bool:
+    left = bench.args.deadline_s - (time.time() - bench.t_start)
+    if seconds + 60 > left:  # 60 s to stop the servers and write the results
+        print(f"skipping: {seconds:.0f} s run, {left:.0f} s left before the deadline", flush=True)
+        return False
+    return True
+
+
+def save(bench: Bench) -> None:
+    out = {"meta": meta(bench), "runs": bench.runs}
+    tmp = os.path.join(bench.args.out, f"serving_{bench.args.kind}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, tmp[:-4])
+
+
+def meta(bench: Bench) -> dict[str, Any]:
+    m: dict[str, Any] = {"argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "config": bench.args.kind}
+    try:
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        m["gpu"] = q.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        m["gpu"] = None
+    try:
+        import vllm
+
+        m["vllm"] = vllm.__version__
+    except ImportError:
+        m["vllm"] = None
+    m["commit"] = os.environ.get("KVCACHED_COMMIT", "")
+    m["budget_bytes"], m["floor_bytes"] = bench.args.budget_bytes, bench.args.floor_bytes
+    m["startup_s"] = getattr(bench, "startup_s", None)
+    return m
+
+
+# -- the two kinds of call --------------------------------------------------------------------
+
+
+def multi(bench: Bench) -> None:
+    a = bench.args
+    names = [f"m{i}" for i in range(a.engines)]
+    slice_bytes = a.budget_bytes // a.engines
+    for i, name in enumerate(names):
+        port = a.port + i
+        if a.config == "static":
+            cmd = serve_cmd(
+                a,
+                name,
+                port,
+                ["--kv-cache-memory-bytes", str(slice_bytes), "--gpu-memory-utilization", str(a.gpu_util)],
+            )
+            start_server(bench, name, port, cmd, bench.env, kv_bytes=slice_bytes)
+        else:
+            limit = a.budget_bytes - (a.engines - 1) * a.floor_bytes
+            env = dict(bench.env, KVCACHED_SHM_NAME=bench.shm_name or "", KVCACHED_VIRTUAL_BYTES=str(a.budget_bytes))
+            cmd = [
+                "kvctl",
+                "launch",
+                "--name",
+                name,
+                "--limit",
+                str(limit),
+                "--",
+                *serve_cmd(a, name, port, ["--gpu-memory-utilization", str(a.gpu_util)]),
+            ]
+            start_server(bench, name, port, cmd, env)
+    bench.startup_s = wait_healthy(bench.servers, 420)  # type: ignore[attr-defined]
+    print(f"{a.engines} {a.config} engines healthy after {bench.startup_s:.0f} s", flush=True)  # type: ignore[attr-defined]
+    if a.config == "kvcached":
+        from kvcached.control import Controller
+
+        with Controller.open(bench.shm_name, create=True) as ctl:
+            if ctl.snapshot().gpus or not a.fake:  # stand-in servers register nothing
+                ctl.set_budget(0, a.budget_bytes)
+    warm_up(bench.servers)
+    plan = [(kind, rate) for kind in ("fixed",) for rate in a.rates] + [("sharegpt", r) for r in a.sharegpt_rates]
+    for kind, rate in plan:
+        schedule = StaggeredPeaks(
+            names,
+            peak_rps=rate,
+            base_rps=a.base_rps,
+            lead_s=a.lead_s,
+            ramp_s=a.ramp_s,
+            hold_s=a.hold_s,
+            offset_s=a.offset_s,
+            tail_s=a.tail_s,
+        )
+        if fits(bench, schedule.duration_s + 30):
+            run_one(bench, f"{a.config}-{kind}-{rate:g}", schedule, kind, seed=int(rate * 10))
+
+
+def overhead(bench: Bench) -> None:
+    a = bench.args
+    loads = [(label, float(rps), float(dur)) for label, rps, dur in (x.split(":") for x in a.loads.split(","))]
+    for mode in ("vanilla", "kvcached"):
+        if not fits(bench, 90 + sum(d + 20 for _, _, d in loads)):
+            break
+        cmd = serve_cmd(a, "m0", a.port, [])
+        env = bench.env
+        if mode == "kvcached":
+            env = dict(bench.env, KVCACHED_SHM_NAME=bench.shm_name or "")
+            cmd = ["kvctl", "launch", "--name", "m0", "--", *cmd]
+        server = start_server(bench, "m0", a.port, cmd, env, log_name=f"server_m0_{mode}.log")
+        startup = wait_healthy([server], 420)
+        print(f"{mode}: healthy after {startup:.0f} s", flush=True)
+        warm_up([server])
+        for label, rps, dur in loads:
+            schedule = ConstantRate(["m0"], rps, dur)
+            run_one(bench, f"overhead-{mode}-{label}", schedule, "fixed", seed=7)
+            bench.runs[-1]["startup_s"] = startup
+        stop_servers(bench)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["multi", "overhead"])
+    ap.add_argument("--config", choices=["static", "kvcached"], default="static", help="multi: how KV memory is split")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--engines", type=int, default=3)
+    ap.add_argument("--budget", default="18GiB", help="KV memory of all engines together")
+    ap.add_argument("--floor", default="1GiB", help="kvcached: memory each engine's limit leaves to every peer")
+    ap.add_argument("--gpu-util", type=float, default=0.28, help="--gpu-memory-utilization of each of the engines")
+    ap.add_argument("--rates", default="10,20,30,40", help="peak request rates (req/s), fixed 256/256 lengths")
+    ap.add_argument("--sharegpt-rates", default="30", help="peak rates of the ShareGPT-like length variant")
+    ap.add_argument("--base-rps", type=float, default=1.0)
+    ap.add_argument("--lead-s", type=float, default=3.0)
+    ap.add_argument("--ramp-s", type=float, default=3.0)
+    ap.add_argument("--hold-s", type=float, default=8.0)
+    ap.add_argument("--offset-s", type=float, default=11.0)
+    ap.add_argument("--tail-s", type=float, default=3.0)
+    ap.add_argument(
+        "--loads", default="low:2:30,medium:8:30,saturating:100:15", help="overhead: label:rps:seconds, comma separated"
+    )
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--extra", default="", help="extra vllm serve arguments")
+    ap.add_argument("--fake", action="store_true", help="rehearse with fake_server.py instead of vLLM (no GPU)")
+    ap.add_argument("--fake-max-running", type=int, default=64)
+    ap.add_argument("--deadline-s", type=float, default=570.0, help="stop starting runs after this")
+    args = ap.parse_args()
+    from kvcached.units import parse_size
+
+    args.budget_bytes, args.floor_bytes = parse_size(args.budget), parse_size(args.floor)
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+    args.sharegpt_rates = [float(r) for r in args.sharegpt_rates.split(",") if r]
+    if args.kind == "multi" and args.engines * args.floor_bytes >= args.budget_bytes:
+        ap.error("--floor times --engines must stay below --budget")
+    if args.kind == "overhead":
+        args.config = "overhead"
+    args.kind = args.config if args.kind == "multi" else "overhead"
+    os.makedirs(args.out, exist_ok=True)
+    bench = Bench(args, base_env())
+    if args.kind in ("kvcached", "overhead"):
+        bench.shm_name = f"kvcached-bench-{os.getpid()}"
+    try:
+        multi(bench) if args.kind != "overhead" else overhead(bench)
+    finally:
+        stop_servers(bench)
+        save(bench)
+        if bench.shm_name:
+            from kvcached.control import Controller
+
+            Controller.unlink(bench.shm_name)
+    print(f"done in {time.time() - bench.t_start:.0f} s; {len(bench.runs)} runs in {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
