@@ -22,7 +22,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
-src_id=$(find kvcached kvctl csrc CMakeLists.txt pyproject.toml -type f -not -path '*/__pycache__/*' | sort | xargs cat | sha256sum | cut -c1-16)
+src_id=$(find kvcached kvctl csrc CMakeLists.txt pyproject.toml -type f -not -path '*/__pycache__/*' -not -path 'kvcached/integrations/sglang/*' | sort | xargs cat | sha256sum | cut -c1-16)
 if [ "$(cat /tmp/kvcached.id 2>/dev/null)" != "$src_id" ]; then
     python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
     (cd /tmp && python3 -c "import kvcached._vmm as v; print('kvcached backends:', v.backend_status())") || exit 1
