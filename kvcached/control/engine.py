@@ -50,6 +50,7 @@ class _FromEnv:
 
 FROM_ENV: Any = _FromEnv()  # "read this setting from its KVCACHED_* variable"
 
+_CONTENTION_HOLD_S = 1.0  # a peer's refusal keeps this engine to its fair share this long
 _PRESSURE_TTL_NS = 1_000_000_000  # older pressure is stale: the refused engine gave up or got memory
 _live: set[EngineHandle] = set()
 _atexit_registered = False
@@ -167,6 +168,9 @@ class EngineHandle:
         self._gpu = seg.gpus[self._slot.gpu_index]
         self._num_denied = 0
         self._pressure_seen_ns = 0
+        self._peer_denied: dict[int, int] = {}
+        self._contended_until = 0.0
+        self._share_set: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -299,6 +303,7 @@ class EngineHandle:
                 self._flags &= ~FLAG_WATCH_ERROR
         stats = self.pool.stats()
         self._follow_pressure(stats)
+        self._follow_share()
         flags = (self._flags & ~FLAG_LIMIT_MET) | (FLAG_LIMIT_MET if self.pool.limit_met else 0)
         with self._writing():
             slot.used_bytes = stats.used_bytes
@@ -330,6 +335,35 @@ class EngineHandle:
             self._pressure_seen_ns = pressure_ns
             if (stats.reserve_bytes or stats.cached_bytes) and now_ns - pressure_ns < _PRESSURE_TTL_NS:
                 self.pool.trim_reserve()
+
+    def _follow_share(self) -> None:
+        """Tell the pool its fair share of the budget (by weight, among awake engines on
+        this GPU) while another of them was refused memory in the last second; else None."""
+        set_share = getattr(self.pool, "set_share_bytes", None)
+        budget = int(self._gpu.budget_bytes)
+        if set_share is None or budget == NO_LIMIT:
+            share = None
+        else:
+            my_gpu, total_weight, my_weight, contended = self._slot.gpu_index, 0.0, 1.0, False
+            for index, slot in enumerate(self.segment.slots):
+                if slot.gpu_index != my_gpu or slot.state != EngineState.RUNNING:
+                    continue
+                weight = float(slot.weight) if slot.weight > 0 else 1.0
+                total_weight += weight
+                if index == self.slot_index:
+                    my_weight = weight
+                    continue
+                denied = int(slot.num_denied)
+                contended |= denied > self._peer_denied.get(index, denied)
+                self._peer_denied[index] = denied
+            now = time.monotonic()
+            if contended:
+                self._contended_until = now + _CONTENTION_HOLD_S
+            share = int(budget * my_weight / total_weight) if now < self._contended_until and total_weight else None
+        if share != self._share_set:
+            self._share_set = share
+            if set_share is not None:
+                set_share(share)
 
     def __repr__(self) -> str:
         return f"EngineHandle({self.name!r}, slot={self.slot_index}, closed={self._closed})"

@@ -237,6 +237,30 @@ def test_budget_room_is_what_the_budget_still_admits(shm_name: str, controller: 
         a.close()
         b.close()
 
+def test_an_engine_is_held_to_its_share_while_a_peer_is_refused(shm_name: str, controller: Controller) -> None:
+    a, b = make_pool(8, start_thread=False), make_pool(8, start_thread=False)
+    shares: list[int | None] = []
+    a.pool.set_share_bytes = shares.append  # type: ignore[attr-defined]
+    try:
+        with attach(a, shm_name, "a"), attach(b, shm_name, "b"):
+            time.sleep(0.1)
+            assert shares == []  # no budget, no contention: nothing said
+            controller.set_budget(0, 4 * PAGE_BYTES)
+            alloc_pages(a, 4)
+            assert alloc_pages(b, 1) == []  # B is refused: the budget is full
+            start = time.monotonic()
+            while not shares:
+                assert time.monotonic() - start < 0.2, "A was not told its share within 200 ms"
+                time.sleep(0.005)
+            assert shares == [2 * PAGE_BYTES]  # half the budget: two awake engines of weight 1
+            while shares[-1] is not None:
+                assert time.monotonic() - start < 2.0, "the share outlived the contention"
+                time.sleep(0.02)
+            assert time.monotonic() - start >= 0.9  # held for about a second after the last refusal
+    finally:
+        a.close()
+        b.close()
+
 def test_a_refused_engine_makes_the_others_give_back_their_reserve(shm_name: str, controller: Controller) -> None:
     a, b = make_pool(8, start_thread=False), make_pool(8, start_thread=False)
     trims: list[int] = []

@@ -153,13 +153,22 @@ def test_pressure_from_another_engine_gives_back_cache_only_pages(make):
 
 
 def test_budget_room_caps_capacity_and_asks_the_others_for_memory(make):
+    import time
+
     room = {"bytes": 3 * 2 * PAGE}
     pages, arena = make(budget_room=lambda: room["bytes"])
     assert pages.room_pages() == 3
     assert pages.num_mappable_blocks() == 3 * BPP
-    assert pages.stats().num_denied == 1  # the budget, not the limit, stopped us: recorded
-    pages.num_mappable_blocks()
-    assert pages.stats().num_denied == 1  # at most one note per 50 ms
+    assert pages.stats().num_denied == 0  # asking is not being refused
+    pages.note_refused()  # vLLM could not place a request: the budget, not the limit, is why
+    assert pages.stats().num_denied == 1
+    pages.note_refused()
+    assert pages.stats().num_denied == 1  # at most one note per 20 ms
+    pages.set_limit_bytes(2 * 2 * PAGE)  # now the limit binds first: not the budget's doing
+    time.sleep(0.03)
+    pages.note_refused()
+    assert pages.stats().num_denied == 1
+    pages.set_limit_bytes(None)
     room["bytes"] = 2 * PAGE - 1  # less than one page group
     assert pages.room_pages() == 0
     assert not pages.ensure_mapped([1])
@@ -196,3 +205,21 @@ def test_blocks_on_mapped_pages_are_found_free_first(make):
     pages.set_states(range(40, 44), FREE)
     assert pages.free_blocks_on_mapped_pages(6) == [40, 41, 42, 43, 16, 17]
     assert pages.free_blocks_on_mapped_pages(100) == [40, 41, 42, 43, 16, 17, 18, 19]
+
+
+def test_over_its_share_an_engine_admits_no_new_requests(make):
+    pages, _ = make()
+    assert pages.admits_new()
+    pages.ensure_mapped([1, 2])
+    pages.set_states(range(16, 40), USED)  # 24 blocks in use
+    block = pages.block_bytes
+    pages.set_share_bytes(30 * block)
+    assert pages.admits_new()
+    pages.set_share_bytes(24 * block)  # at its share: new requests wait, running ones go on
+    assert not pages.admits_new()
+    pages.set_states(range(30, 40), FREE)
+    assert pages.admits_new()
+    pages.set_share_bytes(0)
+    assert not pages.admits_new()
+    pages.set_share_bytes(None)  # contention over
+    assert pages.admits_new()

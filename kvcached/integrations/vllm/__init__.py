@@ -8,6 +8,7 @@ importing:
 ===============================================  ==============================================
 ``vllm.v1.core.kv_cache_coordinator``             ``BlockPool`` → :class:`ElasticBlockPool`
 ``vllm.v1.core.sched.scheduler``                  one scheduler step holds the pool's lock
+``vllm.v1.core.kv_cache_manager``                 new requests wait while over the fair share
 ``vllm.v1.worker.gpu_model_runner``               KV bytes from a kvcached arena (V1 runner)
 ``vllm.v1.worker.gpu.attn_utils``                 the same for Model Runner V2
 ``vllm.v1.worker.gpu_worker``                     start-up memory, sleep / wake-up
@@ -37,6 +38,7 @@ def activate(vllm: ModuleType) -> None:
     release = parse_version(version)
     when_imported("vllm.v1.core.kv_cache_coordinator", _patch_coordinator)
     when_imported("vllm.v1.core.sched.scheduler", _patch_scheduler)
+    when_imported("vllm.v1.core.kv_cache_manager", _patch_kv_cache_manager)
     when_imported("vllm.v1.worker.gpu_worker", _patch_gpu_worker)
     when_imported("vllm.v1.worker.gpu.model_runner", _patch_mrv2_runner)
     if release < (0, 29):
@@ -75,6 +77,32 @@ def _patch_scheduler(module: ModuleType) -> None:
             return original(self, *args, **kwargs)
 
     scheduler_cls.schedule = schedule
+
+
+def _patch_kv_cache_manager(module: ModuleType) -> None:
+    """While another engine on the GPU is refused memory and this one holds more than its
+    fair share, ``allocate_slots`` answers ``None`` for requests that are not running yet
+    (they wait, as on a full cache); running requests keep growing. So a peak borrows
+    idle engines' memory but gives it back as its requests finish once they need it.
+    A request refused for want of budget is what tells the other engines (``note_refused``)."""
+    from vllm.v1.request import RequestStatus
+
+    manager_cls = module.KVCacheManager
+    original = manager_cls.allocate_slots
+
+    @functools.wraps(original)
+    def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        kv = getattr(getattr(self, "block_pool", None), "kv", None)
+        if kv is None:
+            return original(self, request, *args, **kwargs)
+        if not kv.admits_new() and getattr(request, "status", None) != RequestStatus.RUNNING:
+            return None
+        blocks = original(self, request, *args, **kwargs)
+        if blocks is None:
+            kv.note_refused()
+        return blocks
+
+    manager_cls.allocate_slots = allocate_slots
 
 
 def _patch_gpu_worker(module: ModuleType) -> None:

@@ -15,6 +15,9 @@ choice alone and keeps physical memory under exactly the blocks that need it:
 * capacity also counts the GPU budget's room (:attr:`budget_room`, set once the engine
   is registered), so vLLM is told "not now" instead of being handed blocks that
   cannot be mapped;
+* while another engine is short of memory and this one holds more than its fair share
+  (:meth:`set_share_bytes`, from the control plane), :meth:`admits_new` is False: new
+  requests wait and running ones finish, so the memory flows back;
 * the prefix cache keeps at most ``idle_cache_bytes`` of *cold* pages (pages holding
   only cached blocks, untouched for ``trim_idle_s``); beyond that they are evicted and
   unmapped, busy or idle, so memory returns after a peak while the engine still serves.
@@ -92,6 +95,7 @@ class VllmPages:
         self.reserve_pages = reserve_pages
         self.idle_cache_bytes = idle_cache_bytes  # None: keep every cached block
         self.budget_room = budget_room
+        self._share_blocks: int | None = None
         self._budget_noted = 0.0
         self._last_activity = time.monotonic()
         self._state = bytearray(num_blocks)
@@ -144,20 +148,29 @@ class VllmPages:
         return room
 
     def num_mappable_blocks(self) -> int:
-        """Free blocks on unmapped pages that the limit and the budget allow to map, roughly.
+        """Free blocks on unmapped pages that the limit and the budget allow to map, roughly."""
+        return min(self.num_pages - self._num_mapped, self.room_pages()) * self.blocks_per_page
 
-        When the budget (not the limit) is what stops this engine, that is recorded as a
-        denial at most every 50 ms, so the control plane asks the other engines to give
-        back idle and cold pages.
-        """
-        unmapped_pages = self.num_pages - self._num_mapped
-        room = self.room_pages()
-        if room < unmapped_pages and room < self._limit_pages - self._num_mapped:
+    def note_refused(self) -> None:
+        """vLLM could not place a request. If the GPU budget (not this engine's limit) is
+        why, record a denial (at most every 20 ms): the control plane then asks the other
+        engines to give back idle and cold pages, and to stop growing past their share."""
+        limit_room = self._limit_pages - self._num_mapped
+        if limit_room > 0 and self.room_pages() < min(limit_room, self.num_pages - self._num_mapped):
             now = time.monotonic()
-            if now - self._budget_noted >= 0.05:
+            if now - self._budget_noted >= 0.02:
                 self._budget_noted = now
                 self._deny(self.group_bytes)
-        return min(unmapped_pages, room) * self.blocks_per_page
+
+    def set_share_bytes(self, share_bytes: int | None) -> None:
+        """This engine's fair share while another engine is short of memory (None: no
+        contention). Above it, :meth:`admits_new` is False."""
+        self._share_blocks = None if share_bytes is None else share_bytes // self.block_bytes
+
+    def admits_new(self) -> bool:
+        """Whether a request that holds no blocks yet may start now."""
+        share = self._share_blocks
+        return share is None or self._num_used - 1 < share
 
     def free_blocks_on_mapped_pages(self, n: int) -> list[int]:
         """Up to ``n`` block ids that need no mapping: free blocks on mapped page groups

@@ -144,6 +144,36 @@ def test_a_refused_map_waits_for_memory_and_then_gives_up(monkeypatch):
     kv.check_integrity()
 
 
+def test_over_its_share_new_requests_wait_and_running_ones_go_on():
+    from vllm.v1.request import RequestStatus
+
+    from kvcached.integrations import vllm as integration
+
+    pool = new_pool()
+    calls = []
+
+    class Manager:  # stands in for KVCacheManager: the patch wraps its allocate_slots
+        block_pool = pool
+
+        def allocate_slots(self, request, num_new_tokens, **kwargs):
+            calls.append(request.status)
+            return None if num_new_tokens > 1000 else ["blocks"]
+
+    integration._patch_kv_cache_manager(types.SimpleNamespace(KVCacheManager=Manager))
+    manager, running = Manager(), types.SimpleNamespace(status=RequestStatus.RUNNING)
+    waiting = types.SimpleNamespace(status=RequestStatus.WAITING)
+    held = pool.get_new_blocks(64)
+    pool.kv.set_share_bytes(32 * pool.kv.block_bytes)  # a peer is short of memory; we hold 64 blocks
+    assert manager.allocate_slots(waiting, 16) is None and calls == []  # waits, vLLM is not even asked
+    assert manager.allocate_slots(running, 16) == ["blocks"]  # a running request still grows
+    pool.free_blocks(held)
+    assert manager.allocate_slots(waiting, 16) == ["blocks"]  # back under the share
+    pool.kv.set_share_bytes(None)
+    kv = pool.kv
+    kv.budget_room = lambda: 0  # the budget is full ...
+    assert manager.allocate_slots(waiting, 5000) is None  # ... and vLLM refused: the peers are told
+    assert kv.stats().num_denied == 1
+
 def test_the_coordinator_builds_the_elastic_pool():
     import vllm.v1.core.kv_cache_coordinator as coordinator
     from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: F401 - the patched chain imports
