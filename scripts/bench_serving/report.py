@@ -26,14 +26,19 @@ MiB = 1 << 20
 
 
 def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-    """Runs by configuration (static, kvcached, overhead), each with the file's meta."""
+    """Runs by configuration (static, kvcached, overhead), each with its call's meta.
+
+    Takes the files ``run.py`` writes (one per call, all its runs) and the one-run files
+    ``--split`` writes (a run with its ``meta``).
+    """
     by_config: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         with open(path) as f:
             doc = json.load(f)
-        for run in doc["runs"]:
-            run["meta"] = doc["meta"]
-            by_config.setdefault(doc["meta"]["config"], []).append(run)
+        runs = doc["runs"] if "runs" in doc else [doc]
+        for run in runs:
+            run.setdefault("meta", doc.get("meta"))
+            by_config.setdefault(run["meta"]["config"], []).append(run)
     return by_config
 
 
@@ -49,20 +54,22 @@ def ratio(a: float | None, b: float | None) -> str:
     return "–" if not a or not b else f"{a / b:.2f}×"
 
 
-def headline_table(static: list[dict[str, Any]], elastic: list[dict[str, Any]]) -> str:
+def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, Any]]) -> str:
     rows = [
-        "| lengths | peak req/s | requests | TTFT mean static / kvcached (ms) | TTFT p99 static / kvcached (ms) "
-        "| p99 gain | TPOT mean static / kvcached (ms) | tok/s static / kvcached |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| kvcached run | lengths | peak req/s | requests | TTFT mean static / kvcached (ms) "
+        "| TTFT p99 static / kvcached (ms) | p99 gain | TPOT mean static / kvcached (ms) | tok/s static / kvcached |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     pairs = {(r["kind"], peak_rate(r)): r for r in static}
+    elastic = [r for runs in elastic_sets for r in runs]
     for run in sorted(elastic, key=lambda r: (r["kind"], peak_rate(r))):
         key = (run["kind"], peak_rate(run))
         if key not in pairs:
             continue
         s, k = pairs[key]["summary"], run["summary"]
         rows.append(
-            f"| {run['kind']} | {key[1]:g} | {k['count']} | {ms(s['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} "
+            f"| {run['meta']['config']} @ {run['meta'].get('commit', '')} | {run['kind']} | {key[1]:g} | {k['count']} "
+            f"| {ms(s['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} "
             f"| {ms(s['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} | {ratio(s['ttft_p99_s'], k['ttft_p99_s'])} "
             f"| {ms(s['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} "
             f"| {s['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} |"
@@ -149,7 +156,9 @@ def overhead_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def plot_ttft(static: list[dict[str, Any]], elastic: list[dict[str, Any]], path: str) -> None:
+def plot_ttft(
+    static: list[dict[str, Any]], elastic: list[dict[str, Any]], path: str, fair: Sequence[dict[str, Any]] = ()
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,6 +170,24 @@ def plot_ttft(static: list[dict[str, Any]], elastic: list[dict[str, Any]], path:
         rates = [peak_rate(r) for r in fixed]
         ax.plot(rates, [r["summary"]["ttft_mean_s"] for r in fixed], "o--", color=color, label=f"{name} mean")
         ax.plot(rates, [r["summary"]["ttft_p99_s"] for r in fixed], "s-", color=color, label=f"{name} p99")
+    for run in (r for r in fair if r["kind"] == "fixed"):
+        commit = run["meta"].get("commit", "")
+        ax.plot(
+            [peak_rate(run)],
+            [run["summary"]["ttft_p99_s"]],
+            "*",
+            ms=13,
+            color="tab:green",
+            label=f"kvcached + fair share p99 ({commit})",
+        )
+        ax.plot(
+            [peak_rate(run)],
+            [run["summary"]["ttft_mean_s"]],
+            "P",
+            ms=9,
+            color="tab:green",
+            label="kvcached + fair share mean",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("peak request rate per model (req/s)")
     ax.set_ylabel("TTFT (s)")
@@ -219,10 +246,11 @@ def main() -> int:
     args = ap.parse_args()
     by = load(args.files)
     static, elastic, over = by.get("static", []), by.get("kvcached", []), by.get("overhead", [])
+    fair = by.get("kvcached-fairshare", [])
     parts = []
     if static and elastic:
-        parts += ["### Static slices vs kvcached, per peak rate", headline_table(static, elastic)]
-        parts += ["### Memory back after each peak (kvcached)", memory_table(elastic)]
+        parts += ["### Static slices vs kvcached, per peak rate", headline_table(static, elastic, fair)]
+        parts += ["### Memory back after each peak (kvcached)", memory_table(elastic + fair)]
     if over:
         parts += ["### One engine: vanilla vLLM vs vLLM with kvcached", overhead_table(over)]
     text = "\n\n".join(parts) + "\n"
@@ -232,7 +260,7 @@ def main() -> int:
             f.write(text)
     if args.img and static and elastic:
         os.makedirs(args.img, exist_ok=True)
-        plot_ttft(static, elastic, os.path.join(args.img, "serving_ttft.png"))
+        plot_ttft(static, elastic, os.path.join(args.img, "serving_ttft.png"), fair)
         fixed = sorted((r for r in elastic if r["kind"] == "fixed"), key=peak_rate)
         chosen = next((r for r in elastic if r["label"] == args.memory_run), fixed[-1] if fixed else elastic[-1])
         twin = next((r for r in static if r["kind"] == chosen["kind"] and peak_rate(r) == peak_rate(chosen)), None)
