@@ -35,7 +35,7 @@ def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     for path in paths:
         with open(path) as f:
             doc = json.load(f)
-        runs = doc["runs"] if "runs" in doc else [doc]
+        runs = doc.get("runs", [doc])
         for run in runs:
             run.setdefault("meta", doc.get("meta"))
             by_config.setdefault(run["meta"]["config"], []).append(run)
@@ -98,7 +98,7 @@ def memory_return(run: dict[str, Any]) -> list[dict[str, Any]]:
         threshold = max(base_mapped + 256 * MiB, 1.5 * base_mapped)
         peak_mapped = max((v for t, v in mapped if start <= t), default=0.0)
         t_drain = next(
-            (t for (t, r), (_, w) in zip(running, waiting) if t >= end and w == 0 and r <= base_running + 2), None
+            (t for (t, r), (_, w) in zip(running, waiting, strict=False) if t >= end and w == 0 and r <= base_running + 2), None
         )
         t_mem = None
         if t_drain is not None:
@@ -267,7 +267,7 @@ def main() -> int:
         plot_memory(twin, chosen, os.path.join(args.img, "serving_memory.png"))
     if args.split:
         os.makedirs(args.split, exist_ok=True)
-        for config, runs in by.items():
+        for runs in by.values():
             for run in runs:
                 with open(os.path.join(args.split, f"{run['label']}.json"), "w") as f:
                     json.dump(run, f)

@@ -43,8 +43,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from client import run_in_processes, summarize, summarize_by_model  # noqa: E402
-from workload import ConstantRate, StaggeredPeaks, build_requests  # noqa: E402
+from client import run_in_processes, summarize, summarize_by_model
+from workload import ConstantRate, StaggeredPeaks, build_requests
 
 GiB = 1 << 30
 _METRIC_RE = re.compile(r'^(vllm:[a-z_]+)\{[^}]*model_name="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
