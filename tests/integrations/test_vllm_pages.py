@@ -223,3 +223,19 @@ def test_over_its_share_an_engine_admits_no_new_requests(make):
     assert not pages.admits_new()
     pages.set_share_bytes(None)  # contention over
     assert pages.admits_new()
+
+
+def test_the_cold_cache_bound_counts_the_pages_it_pins_not_its_blocks(make):
+    import time
+
+    evicted: list[list[int]] = []
+    pages, arena = make(evicted=evicted, trim_idle_s=0.0, reserve_pages=0, idle_cache_bytes=2 * (2 * PAGE))
+    pages.ensure_mapped([1, 2, 3, 4, 5])
+    pages.set_states(range(16, 96), USED)
+    pages.set_states([b for b in range(16, 96) if b % 16], FREE)  # one block per page stays ...
+    pages.set_states(range(16, 96, 16), CACHED)  # ... cached: 5 cached blocks pin 5 page groups
+    assert pages.stats().cached_bytes == 5 * pages.block_bytes  # far below the 2-group bound
+    pages.maintain(now=time.monotonic() + 1)
+    assert len(arena.mapped_pages()) == 1 + 2  # page 0 and the two most recently cold pages
+    assert sorted(b for call in evicted for b in call) == [16, 32, 48]  # the longest cold went first
+    pages.check_integrity()

@@ -18,7 +18,7 @@ choice alone and keeps physical memory under exactly the blocks that need it:
 * while another engine is short of memory and this one holds more than its fair share
   (:meth:`set_share_bytes`, from the control plane), :meth:`admits_new` is False: new
   requests wait and running ones finish, so the memory flows back;
-* the prefix cache keeps at most ``idle_cache_bytes`` of *cold* pages (pages holding
+* the prefix cache keeps at most ``idle_cache_bytes`` of *cold* pages (page groups holding
   only cached blocks, untouched for ``trim_idle_s``); beyond that they are evicted and
   unmapped, busy or idle, so memory returns after a peak while the engine still serves.
 
@@ -283,18 +283,17 @@ class VllmPages:
 
     def _evict_cold_pages(self, keep_bytes: int, cold_before: float) -> None:
         """Evict the cached blocks of pages cold since ``cold_before`` or longer (the
-        longest-cold first) until at most ``keep_bytes`` of cache remain."""
+        longest-cold first) until the cache-only pages still mapped take at most
+        ``keep_bytes``. The bound is on pages, not cached bytes: a few cached blocks
+        spread over many pages would otherwise pin whole page groups each."""
         if self.evict_cached is None:
             return
-        excess = self._num_cached - keep_bytes // self.block_bytes
-        if excess <= 0:
-            return
+        cold = sorted(((since, p) for p, since in self._cold_since.items() if p != 0 and self._page[p] == _MAPPED))
+        excess = len(cold) - keep_bytes // self.group_bytes
         bpp, victims = self.blocks_per_page, list[int]()
-        for p, since in sorted(self._cold_since.items(), key=lambda item: item[1]):
-            if since > cold_before or len(victims) >= excess:
+        for since, p in cold[: max(0, excess)]:
+            if since > cold_before:
                 break
-            if p == 0 or self._page[p] != _MAPPED:
-                continue
             victims.extend(b for b in range(p * bpp, min((p + 1) * bpp, self.num_blocks)) if self._state[b] == CACHED)
         if victims:
             self.evict_cached(victims)
@@ -359,7 +358,7 @@ class VllmPages:
                     self._num_mapped_total += len(pages)
                 self._cond.notify_all()
         with self.lock:
-            if self.idle_cache_bytes is not None and self._num_cached * self.block_bytes > self.idle_cache_bytes:
+            if self.idle_cache_bytes is not None and len(self._cold_since) * self.group_bytes > self.idle_cache_bytes:
                 # Cold cache beyond its bound goes, and the pages that frees go back at once.
                 before = set(self._empty_since)
                 self._evict_cold_pages(self.idle_cache_bytes, now - self.trim_idle_s)
