@@ -239,3 +239,18 @@ def test_the_cold_cache_bound_counts_the_pages_it_pins_not_its_blocks(make):
     assert len(arena.mapped_pages()) == 1 + 2  # page 0 and the two most recently cold pages
     assert sorted(b for call in evicted for b in call) == [16, 32, 48]  # the longest cold went first
     pages.check_integrity()
+
+
+def test_idle_trim_keeps_the_page_the_next_request_will_use(make):
+    pages, arena = make(trim_idle_s=0.0, reserve_pages=1)
+    pages.ensure_mapped([1, 2, 3])
+    pages.set_states(range(16, 64), USED)
+    pages.set_states(range(16, 64), FREE)  # pages 1-3 empty; vLLM will hand out page 3's blocks next
+    pages.want_prefetch(range(48, 80))
+    pages.maintain()
+    assert arena.mapped_pages() == [0, 3]  # the lowest empty page would have been kept before
+    pages.want_prefetch(range(80, 96))  # page 5 is next and unmapped: the thread maps it ahead
+    pages.maintain()
+    pages.maintain()
+    assert arena.mapped_pages() == [0, 5]
+    pages.check_integrity()

@@ -105,6 +105,7 @@ class VllmPages:
         self._empty_since: dict[int, float] = {}  # mapped pages with no held block
         self._cold_since: dict[int, float] = {}  # pages whose held blocks are all cached
         self._prefetch: list[int] = []
+        self._ahead: list[int] = []  # the pages of the next blocks vLLM hands out
         self._num_used = self._num_cached = self._num_mapped = 0
         self._limit_pages = self.num_pages
         self._limit_bytes: int | None = None
@@ -223,9 +224,18 @@ class VllmPages:
         self._set_states(block_ids, state)
 
     def want_prefetch(self, upcoming_block_ids: Iterable[int]) -> None:
-        """Ask the thread to map the pages of blocks the scheduler will likely take next."""
-        pages = self.pages_of(upcoming_block_ids)[: max(1, self.reserve_pages)]
-        pages = [p for p in pages if self._page[p] == _UNMAPPED]
+        """Ask the thread to map the pages of blocks the scheduler will likely take next
+        (in the order vLLM will hand them out). Those pages are also the reserve that idle
+        trimming keeps, so the next request after a pause finds its page mapped."""
+        bpp, want, ahead = self.blocks_per_page, max(1, self.reserve_pages), list[int]()
+        for b in upcoming_block_ids:
+            p = b // bpp
+            if p not in ahead:
+                ahead.append(p)
+                if len(ahead) >= want:
+                    break
+        self._ahead = ahead
+        pages = [p for p in ahead if self._page[p] == _UNMAPPED]
         if pages:
             self._prefetch = pages
             self._wake.set()
@@ -365,7 +375,9 @@ class VllmPages:
                 self._unmap_now(sorted(p for p in self._empty_since if p not in before and self._page[p] == _MAPPED))
             idle = [p for p, t in self._empty_since.items() if now - t >= self.trim_idle_s]
             keep = self.reserve_pages if len(idle) < len(self._empty_since) else min(self.reserve_pages, 1)
-            idle = sorted(idle, key=lambda p: -p)[: max(0, len(self._empty_since) - keep)]
+            kept_ahead = [p for p in self._ahead if p in self._empty_since][:keep]
+            idle = sorted((p for p in idle if p not in kept_ahead), key=lambda p: -p)
+            idle = idle[: max(0, len(self._empty_since) - keep)]
             if idle:
                 self._unmap_now(idle)
 
