@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from importlib import metadata
 
-__all__ = ["SUPPORTED", "EngineVersion", "VersionRange", "check_installed", "installed_version", "parse_version", "require_supported"]
+__all__ = ["SUPPORTED", "EngineVersion", "VersionRange", "VersionRanges", "check_installed", "installed_version", "parse_version", "require_supported"]
 
 _RELEASE_RE = re.compile(r"^\s*v?(\d+(?:\.\d+)*)")
 
@@ -53,9 +53,23 @@ class VersionRange:
         return f"{self.low}–{self.high}"
 
 
-SUPPORTED: dict[str, VersionRange] = {
-    "vllm": VersionRange("0.26.0", "0.33.0"),
-    "sglang": VersionRange("0.5.23", "0.5.23"),
+@dataclass(frozen=True)
+class VersionRanges:
+    """A union of inclusive ranges, e.g. SGLang 0.5.17 and 0.5.23 without the releases between."""
+
+    ranges: tuple[VersionRange, ...]
+
+    def __contains__(self, version: object) -> bool:
+        return any(version in span for span in self.ranges)
+
+    def __str__(self) -> str:
+        return " and ".join(span.low if span.low == span.high else str(span) for span in self.ranges)
+
+
+SUPPORTED: dict[str, VersionRanges] = {
+    "vllm": VersionRanges((VersionRange("0.26.0", "0.33.0"),)),
+    # one patch package per entry: kvcached.integrations.sglang.RANGES
+    "sglang": VersionRanges((VersionRange("0.5.17", "0.5.17"), VersionRange("0.5.23", "0.5.23"))),
 }
 
 
@@ -65,7 +79,7 @@ class EngineVersion:
 
     engine: str
     version: str | None
-    supported: VersionRange
+    supported: VersionRanges
 
     @property
     def installed(self) -> bool:

@@ -5,7 +5,8 @@
 #      recorded plain baseline (docs/notes/vllm-baseline-failures.txt), which
 #      lists the tests that fail without kvcached too (they need a real model);
 #   2. kvcached's own vLLM integration tests (tests/engines/vllm) in that env;
-#   3. kvcached's SGLang 0.5.23 integration tests (tests/engines/sglang).
+#   3. kvcached's SGLang integration tests (tests/engines/sglang), once on SGLang
+#      0.5.17 and once on 0.5.23, each in its own environment.
 # The environments live under ~/.cache/kvcached-ci and are reused while their
 # inputs are unchanged; kvcached is (re)installed into them from this checkout.
 # Exit status: non-zero if any suite fails.
@@ -41,5 +42,5 @@ echo "== kvcached's vLLM integration tests"
     "$vllm_env/bin/python" -m pytest -p no:cacheprovider -q -c "$root/pyproject.toml" \
     --rootdir "$root" "$root/tests/engines/vllm")
 
-echo "== kvcached's SGLang integration tests"
-"$script_dir/run_sglang_tests.sh"
+echo "== kvcached's SGLang integration tests (0.5.17, 0.5.23)"
+KVCACHED_WHEEL=$(ls "$wheel_dir"/kvcached-*.whl) "$script_dir/run_sglang_tests.sh"

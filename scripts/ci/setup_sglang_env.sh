@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# Builds (or reuses) a CPU-only Python environment in which SGLang 0.5.23's real KV
+# Builds (or reuses) a CPU-only Python environment in which one SGLang version's real KV
 # memory modules (memory_pool, allocator, radix_cache, kv_cache_configurator, the
-# scheduler's invariant checker) import and run on device="cpu", with kvcached
-# installed into it (non-editable, from this checkout).
+# scheduler's invariant checker and weight updater) import and run on device="cpu",
+# with kvcached installed into it (non-editable).
 #
-# Usage: scripts/ci/setup_sglang_env.sh
+# Usage: scripts/ci/setup_sglang_env.sh [VERSION]      VERSION: 0.5.23 (default) or 0.5.17
 #   KVCACHED_SGLANG_ENV   where the environment lives
-#                         (default: ~/.cache/kvcached-ci/sglang-0.5.23)
+#                         (default: ~/.cache/kvcached-ci/sglang-VERSION)
+#   KVCACHED_WHEEL        a kvcached wheel to install (engine_tests.sh builds one for all
+#                         environments); without it kvcached is built from this checkout
+#                         (~3 min on 2 cores: the compiled core)
+# Prints the environment's python as its last line.
 #
-# Idempotent: a finished environment carries a stamp holding a hash of this script,
-# the requirements file and kvcached's sources; while all are unchanged a second run
-# only prints what to use. A failed step leaves no stamp. Needs python3.11, PyPI, and
-# torch 2.13.0 in pip's local wheel directory (SGLang pins torch 2.14.1; with
-# --no-deps the pin is not followed and the memory modules run on 2.13.0).
+# Two stamps make it idempotent: the packages are reinstalled, in a new venv, only when
+# this script or the version's requirements file changed (scripts/ci/sglang-VERSION-
+# requirements.txt, the whole closure, installed with --no-deps); kvcached only when its
+# sources (or the given wheel) changed. A failed step leaves no stamp. Needs python3.11,
+# PyPI, and torch 2.13.0 in pip's local wheel directory: SGLang 0.5.17 pins torch 2.11.0
+# and 0.5.23 pins 2.14.1, neither of which PyPI has as a CPU build; with --no-deps the pin
+# is not followed and the memory modules run on 2.13.0.
 #
 # torchvision: SGLang's config package imports it at module level, and no CPU build
 # matching this torch is on PyPI, so an import-only stand-in is put on the path
 # (stubs/torchvision; calling anything in it raises). Nothing we run uses it.
 set -euo pipefail
 
-readonly SGLANG_VERSION=0.5.23
+readonly SGLANG_VERSION=${1:-0.5.23}
 readonly PYTHON_BIN=python3.11
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,40 +35,48 @@ readonly repo_root
 readonly req_file="$script_dir/sglang-$SGLANG_VERSION-requirements.txt"
 readonly env_dir="${KVCACHED_SGLANG_ENV:-$HOME/.cache/kvcached-ci/sglang-$SGLANG_VERSION}"
 readonly py="$env_dir/bin/python"
-readonly stamp="$env_dir/.kvcached-setup-complete"
+readonly env_stamp="$env_dir/.kvcached-env-complete"
+readonly kv_stamp="$env_dir/.kvcached-installed"
+readonly wheel="${KVCACHED_WHEEL:-}"
 
-log() { printf '[setup_sglang_env %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+log() { printf '[setup_sglang_env %s %s] %s\n' "$SGLANG_VERSION" "$(date +%H:%M:%S)" "$*" >&2; }
+hush() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
 
-fingerprint() {
+if [[ ! -f "$req_file" ]]; then
+    echo "setup_sglang_env: no requirements for SGLang $SGLANG_VERSION ($req_file)" >&2
+    exit 1
+fi
+
+env_fingerprint() { cat "${BASH_SOURCE[0]}" "$req_file" | sha256sum | cut -d' ' -f1; }
+
+kvcached_fingerprint() {
+    if [[ -n "$wheel" ]]; then
+        sha256sum "$wheel" | cut -d' ' -f1
+        return
+    fi
     {
-        cat "${BASH_SOURCE[0]}" "$req_file" "$repo_root/pyproject.toml"
-        find "$repo_root/kvcached" "$repo_root/csrc" -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.pth' \) \
+        cat "$repo_root/pyproject.toml"
+        find "$repo_root/kvcached" "$repo_root/kvctl" "$repo_root/csrc" -type f \
+            \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.pth' -o -name '*.txt' \) \
             -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 cat
     } | sha256sum | cut -d' ' -f1
 }
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$(fingerprint)" ]]; then
-    log "reusing complete environment"
-    echo "$py"
-    exit 0
-fi
-rm -f "$stamp"
 start_s=$SECONDS
 
-if [[ ! -x "$py" ]]; then
-    log "creating venv at $env_dir"
+if [[ ! -f "$env_stamp" || "$(cat "$env_stamp")" != "$(env_fingerprint)" ]]; then
+    log "building a new venv at $env_dir"
+    rm -rf "$env_dir"
     mkdir -p "$(dirname "$env_dir")"
     "$PYTHON_BIN" -m venv "$env_dir"
-fi
 
-log "installing pinned packages (torch from the local wheel, everything --no-deps)"
-"$py" -m pip install --quiet --disable-pip-version-check --no-deps -r "$req_file" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    log "installing the pinned packages (torch from the local wheel, everything --no-deps)"
+    "$py" -m pip install --quiet --disable-pip-version-check --no-deps -r "$req_file" 2> >(hush)
 
-log "writing the torchvision import stand-in"
-stubs="$env_dir/stubs/torchvision"
-mkdir -p "$stubs"
-cat > "$stubs/__init__.py" <<'PY'
+    log "writing the torchvision import stand-in"
+    stubs="$env_dir/stubs/torchvision"
+    mkdir -p "$stubs"
+    cat > "$stubs/__init__.py" <<'PY'
 """Import-only stand-in for torchvision in kvcached's SGLang CPU test environment:
 every torchvision.* module imports, calling anything in one raises."""
 
@@ -115,25 +129,34 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.append(_StubFinder())
 PY
-site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$env_dir/stubs" > "$site/kvcached_ci_stubs.pth"
+    site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$env_dir/stubs" > "$site/kvcached_ci_stubs.pth"
+    env_fingerprint > "$env_stamp"
+    log "packages installed in $((SECONDS - start_s)) s"
+fi
 
-log "installing kvcached from $repo_root"
-"$py" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$repo_root" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+if [[ ! -f "$kv_stamp" || "$(cat "$kv_stamp")" != "$(kvcached_fingerprint)" ]]; then
+    rm -f "$kv_stamp"
+    log "installing kvcached from ${wheel:-$repo_root}"
+    "$py" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "${wheel:-$repo_root}" \
+        2> >(hush)
 
-log "checking the imports"
-(cd "$env_dir" && "$py" - "$SGLANG_VERSION" <<'PY'
+    log "checking the imports"
+    (cd "$env_dir" && "$py" - "$SGLANG_VERSION" <<'PY'
 import sys
 import torch, sglang
 import sglang.srt.mem_cache.memory_pool, sglang.srt.mem_cache.allocator, sglang.srt.mem_cache.radix_cache
 import sglang.srt.mem_cache.kv_cache_configurator
-import kvcached._vmm
+import sglang.srt.managers.scheduler_components.invariant_checker
+import sglang.srt.managers.scheduler_components.weight_updater
+import kvcached._vmm, posix_ipc, pytest
 assert sglang.__version__ == sys.argv[1], sglang.__version__
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 PY
-)
-
-fingerprint > "$stamp"
-log "environment complete in $((SECONDS - start_s)) s ($(du -sh "$env_dir" | cut -f1))"
+    )
+    kvcached_fingerprint > "$kv_stamp"
+    log "environment complete in $((SECONDS - start_s)) s ($(du -sh "$env_dir" | cut -f1))"
+else
+    log "reusing the complete environment"
+fi
 echo "$py"

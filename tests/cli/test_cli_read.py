@@ -148,7 +148,10 @@ def test_version_ranges():
     assert "0.19.9" not in span and "0.33.1" not in span and "garbage" not in span and None not in span
     for name, supported in SUPPORTED.items():
         assert name in ("vllm", "sglang")
-        assert supported.low in supported and supported.high in supported
+        assert all(span.low in supported and span.high in supported for span in supported.ranges)
+    sglang = SUPPORTED["sglang"]
+    assert "0.5.17" in sglang and "0.5.23" in sglang and "0.5.20" not in sglang  # no patches for 0.5.18-0.5.22
+    assert str(sglang) == "0.5.17 and 0.5.23" and str(SUPPORTED["vllm"]) == "0.26.0–0.33.0"
 
 
 def test_a_torch_kvpool_engine(kvctl, shm_name):

@@ -7,6 +7,12 @@ block, so block ``b`` holds slots ``[b * page_size, (b + 1) * page_size)``, bloc
 0's page, where SGLang writes padded tokens) is the pool's pinned block, and the pool
 maps whole page groups under them on demand.
 
+A released engine (``release_memory_occupation`` of ``kv_cache``) holds no KV memory at
+all: the pinned page group is unmapped too, straight through the arena (the pool keeps
+counting it as mapped, so ``check_integrity`` and ``stats().mapped_bytes`` disagree with
+the arena until :meth:`ElasticKV.resume` maps it again; the control plane reads the
+arena's ledger and shows 0).
+
 No SGLang import here: the version modules wrap SGLang's classes around this.
 """
 
@@ -94,7 +100,8 @@ class ElasticKV:
         shape: the SGLang pool's shape.
         dtype: the stored dtype (SGLang's ``store_dtype``).
         device: SGLang's device string.
-        register: attach to the control plane (name from :func:`resolve_engine_name`).
+        register: attach to the control plane now (name from :func:`resolve_engine_name`);
+            else :meth:`register` does it later (the SGLang allocators do, when they bind).
 
     Raises:
         ValueError: an unsupported device or shape; MemoryError: the pinned page group.
@@ -130,12 +137,17 @@ class ElasticKV:
         # Blocks past SGLang's last page exist only because page groups round up.
         self.max_block_id = num_blocks - 1
         self.closed = False
+        # The rows SGLang's kernels read at slot 0's page, zeroed whenever its group is (re)mapped.
+        self.pinned_views: list[torch.Tensor] = []
         self._released_limit: tuple[int | None] | None = None
+        self._pinned_pages = [0]  # the page group of block 0, the pool's one pinned block
+        self._pinned_unmapped = False
         self._mem_free_bytes = 0
         self._mem_free_t = -1.0
+        self._registered = False
         self._handle: Any = None
         if register:
-            self._register()
+            self.register()
         with _stores_lock:
             _stores.add(self)
 
@@ -168,21 +180,50 @@ class ElasticKV:
     # -- release / resume -----------------------------------------------------------
 
     def release(self) -> int:
-        """Return all KV memory but the pinned page group (SGLang has freed every slot
-        first: ``flush_cache``). Until :meth:`resume` nothing more is mapped (blocks left
-        on the pinned group may still be handed out). Returns the bytes still mapped."""
+        """Give back all KV memory, the pinned page group's too (SGLang has flushed its
+        cache and synchronized the device first: no slot is held, no kernel runs). Until
+        :meth:`resume` nothing is mapped and ``alloc()`` grants nothing. If blocks are
+        still in use the pinned group stays (their pages stay mapped too). Idempotent.
+
+        Returns:
+            The bytes still mapped (0 unless blocks are in use).
+        """
         if self._released_limit is None:
             self._released_limit = (self.pool.limit_bytes,)
-        self.pool.set_limit_bytes(self.pool.group_bytes)
+            # Under one page group: never met, so nothing is granted or mapped any more.
+            self.pool.set_limit_bytes(0)
         self.pool.trim_reserve()
-        return self.pool.stats().mapped_bytes
+        if not self._pinned_unmapped and self.pool.stats().num_blocks_used == 0:
+            self.pool.arena.unmap(self._pinned_pages)
+            self._pinned_unmapped = True
+        if self._handle is not None:
+            self._handle.set_sleeping(True)
+        return int(self.pool.arena.mapped_bytes)
 
     def resume(self) -> None:
-        """Undo :meth:`release`: the limit before it applies again."""
+        """Undo :meth:`release`: map the pinned page group again (zeroing SGLang's
+        padded rows) and restore the limit from before, unless another one was set
+        meanwhile. Idempotent.
+
+        Raises:
+            MemoryError: the device has no room for the pinned page group (still released).
+        """
+        if self._pinned_unmapped:
+            self.pool.arena.map(self._pinned_pages)
+            self._pinned_unmapped = False
+            self.zero_pinned()
         if self._released_limit is not None:
             (limit,) = self._released_limit
             self._released_limit = None
-            self.pool.set_limit_bytes(limit)
+            if self.pool.limit_bytes == 0:  # else a limit set while released (kvctl) stands
+                self.pool.set_limit_bytes(limit)
+        if self._handle is not None:
+            self._handle.set_sleeping(False)
+
+    def zero_pinned(self) -> None:
+        """Zero :attr:`pinned_views` (fresh device memory holds garbage; kernels read these rows)."""
+        for view in self.pinned_views:
+            view.zero_()
 
     @property
     def released(self) -> bool:
@@ -190,7 +231,12 @@ class ElasticKV:
 
     # -- life cycle -----------------------------------------------------------------
 
-    def _register(self) -> None:
+    def register(self) -> None:
+        """Attach to the control plane under :func:`resolve_engine_name`, once; nothing when
+        no name is known. Raises what ``attach_engine`` raises (e.g. the name is taken)."""
+        if self._registered or self.closed:
+            return
+        self._registered = True
         name = resolve_engine_name()
         if name is None:
             _log.info("kvcached: no engine name (KVCACHED_ENGINE_NAME, --served-model-name); not registered")

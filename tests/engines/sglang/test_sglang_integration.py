@@ -1,6 +1,7 @@
 """The SGLang integration against SGLang's real memory pool, allocators and radix cache
-(CPU; the host backend stands in for the GPU). Runs in the SGLang test environment
-(scripts/ci/run_sglang_tests.sh); skipped where SGLang is not installed.
+(CPU; the host backend stands in for the GPU). Runs once in each SGLang test environment
+(scripts/ci/run_sglang_tests.sh: 0.5.17 and 0.5.23), whichever SGLang is installed;
+skipped where none is. Version-specific expectations branch on ``SGLANG_VERSION``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ torch = pytest.importorskip("torch")
 from kvcached.integrations import sglang as kv_sglang  # noqa: E402
 
 pytestmark = pytest.mark.engine
+SGLANG_VERSION = sglang.__version__
 
 NUM_LAYERS, NUM_HEADS, HEAD_DIM = 2, 2, 64  # bf16: 256 bytes per slot per range, 8192 slots per 2 MiB page
 
@@ -37,7 +39,7 @@ def patched():
 
 
 def new_kv(size: int = 4 * 8192, page_size: int = 1):
-    from kvcached.integrations.sglang.v0_5_23.pools import ElasticMHATokenToKVPool
+    from kvcached.integrations.sglang.pools import ElasticMHATokenToKVPool
 
     return ElasticMHATokenToKVPool(
         size=size, page_size=page_size, dtype=torch.bfloat16, head_num=NUM_HEADS, head_dim=HEAD_DIM,
@@ -46,7 +48,7 @@ def new_kv(size: int = 4 * 8192, page_size: int = 1):
 
 
 def new_allocator(kv, page_size: int = 1):
-    from kvcached.integrations.sglang.v0_5_23 import allocators
+    from kvcached.integrations.sglang import allocators
 
     if page_size == 1:
         return allocators.ElasticTokenToKVPoolAllocator(kv.size, torch.bfloat16, "cpu", kv, False)
@@ -73,12 +75,21 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_import_hook_routes_sglang_seams_only_when_enabled():
-    code = (
-        "import sglang.srt.mem_cache.kv_cache_configurator as c, sglang.srt.mem_cache.allocator\n"
-        "from sglang.srt.platforms import current_platform as p\n"
-        "print(p.get_kv_pool_cls(kind='mha'), p.get_kv_pool_cls(kind='mla'), p.get_paged_allocator_cls(),"
-        " c.TokenToKVPoolAllocator.__name__)"
-    )
+    # 0.5.23: the platform seams (and the page-size-1 allocator by name); 0.5.17: the
+    # configurator's names for both pools and both allocators.
+    if SGLANG_VERSION == "0.5.23":
+        code = (
+            "import sglang.srt.mem_cache.kv_cache_configurator as c, sglang.srt.mem_cache.allocator\n"
+            "from sglang.srt.platforms import current_platform as p\n"
+            "print(p.get_kv_pool_cls(kind='mha'), p.get_kv_pool_cls(kind='mla'), p.get_paged_allocator_cls(),"
+            " c.TokenToKVPoolAllocator.__name__)"
+        )
+    else:
+        code = (
+            "import sglang.srt.mem_cache.kv_cache_configurator as c\n"
+            "print(c.MHATokenToKVPool.__name__, c.MLATokenToKVPool.__name__, c.PagedTokenToKVPoolAllocator.__name__,"
+            " c.TokenToKVPoolAllocator.__name__)"
+        )
     on = run_python(code, ENABLE_KVCACHED="true")
     off = run_python(code)
     assert on.returncode == 0, on.stderr[-3000:]
@@ -88,9 +99,67 @@ def test_import_hook_routes_sglang_seams_only_when_enabled():
     assert "Elastic" not in off.stdout and off.stdout.split()[-1] == "TokenToKVPoolAllocator"
 
 
-def test_unsupported_version_refuses_naming_the_range():
-    with pytest.raises(RuntimeError, match=r"supports SGLang 0\.5\.23–0\.5\.23, found 0\.5\.9"):
-        kv_sglang.activate(types.SimpleNamespace(__version__="0.5.9"))  # type: ignore[arg-type]
+@pytest.mark.parametrize("version", ["0.5.9", "0.5.20", "0.5.24"])
+def test_unsupported_version_refuses_naming_the_supported_ones(version):
+    with pytest.raises(RuntimeError, match=rf"supports SGLang 0\.5\.17 and 0\.5\.23, found {version}"):
+        kv_sglang.activate(types.SimpleNamespace(__version__=version))  # type: ignore[arg-type]
+    assert kv_sglang.module_for(SGLANG_VERSION) is not None  # the installed one is supported
+
+
+@pytest.mark.skipif(SGLANG_VERSION != "0.5.23", reason="the platform KV pool seam is 0.5.23's")
+def test_pool_seam_leaves_other_kinds_to_sglang():
+    """The configurator resolves every kind (mha, mla, dsa) whatever it builds; asking for
+    the DSA pool must not stop the engine (a DSA pool actually built is refused later)."""
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.mem_cache.memory_pool import DSATokenToKVPool, MHATokenToKVPool, MLATokenToKVPool
+
+    from kvcached.integrations.sglang.pools import ElasticMHATokenToKVPool, ElasticMLATokenToKVPool
+
+    resolve = KVCacheConfigurator._resolve_kv_pool_class
+    assert resolve(None, kind="mha", default=MHATokenToKVPool) is ElasticMHATokenToKVPool
+    assert resolve(None, kind="mla", default=MLATokenToKVPool) is ElasticMLATokenToKVPool
+    assert resolve(None, kind="dsa", default=DSATokenToKVPool) is DSATokenToKVPool
+
+
+def test_a_pool_sglang_picks_but_kvcached_lacks_is_refused():
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from kvcached.integrations.sglang.elastic import live_stores
+    from kvcached.integrations.sglang.patches import check_pool_choice
+
+    assert hasattr(KVCacheConfigurator._build_token_to_kv_pool, "__wrapped__")  # the check is in place
+    before = set(live_stores())
+    leftover = new_kv(size=8192)  # as a composite pool would make its parts
+    own = MHATokenToKVPool(size=1024, page_size=1, dtype=torch.bfloat16, head_num=NUM_HEADS, head_dim=HEAD_DIM,
+                           layer_num=NUM_LAYERS, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    with pytest.raises(NotImplementedError, match="chose its MHATokenToKVPool KV pool"):
+        check_pool_choice(own, before)
+    assert leftover.kvcached_store.closed and set(live_stores()) == before
+    ours = new_kv(size=8192)
+    try:
+        check_pool_choice(ours, set())  # kvcached's own passes
+    finally:
+        ours._clear_buffers()
+
+
+def test_speculative_decoding_is_refused_before_any_pool_is_built():
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+
+    with pytest.raises(NotImplementedError, match="speculative decoding"):
+        KVCacheConfigurator._build_token_to_kv_pool(types.SimpleNamespace(is_draft_worker=True))
+
+
+def test_tensor_parallel_is_refused(monkeypatch):
+    from sglang.srt.distributed import parallel_state
+
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: True)
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 1)
+    with pytest.raises(NotImplementedError, match="tensor parallel size 2"):
+        new_kv(size=8192)
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 1)
+    new_kv(size=8192)._clear_buffers()  # one rank: served
 
 
 # -- the pool ---------------------------------------------------------------------------
@@ -115,7 +184,7 @@ def test_pool_buffers_have_sglangs_shapes_and_start_unmapped():
 
 
 def test_mla_pool_buffers():
-    from kvcached.integrations.sglang.v0_5_23.pools import ElasticMLATokenToKVPool
+    from kvcached.integrations.sglang.pools import ElasticMLATokenToKVPool
 
     kv = ElasticMLATokenToKVPool(size=8192, page_size=1, dtype=torch.bfloat16, kv_lora_rank=64,
                                  qk_rope_head_dim=32, layer_num=NUM_LAYERS, device="cpu", enable_memory_saver=False)
@@ -245,7 +314,7 @@ def test_clear_returns_everything():
 def test_leak_check_counts_held_slots_not_mapped_memory(monkeypatch):
     from sglang.srt.managers.scheduler_components import invariant_checker as ic
 
-    monkeypatch.setattr(ic, "get_parallel", lambda: types.SimpleNamespace(dcp_enabled=False))
+    monkeypatch.setattr(ic, "get_parallel", lambda: types.SimpleNamespace(dcp_enabled=False), raising=False)  # 0.5.23
 
     kv = new_kv(size=4 * 8192)
     alloc, pool = new_allocator(kv), kv.kvcached_store.pool
@@ -260,9 +329,13 @@ def test_leak_check_counts_held_slots_not_mapped_memory(monkeypatch):
 
         checker._check_pool_invariant = types.MethodType(fake_invariant, checker)
         held = alloc.alloc(1000)
-        stats = ic.PoolStats(full_num_used=0, full_token_usage=0.0, full_available_size=alloc.available_size(),
-                             full_evictable_size=0, full_capacity=4 * 8192)
+        fields = dict(full_num_used=0, full_token_usage=0.0, full_available_size=alloc.available_size(),
+                      full_evictable_size=0)
+        if SGLANG_VERSION == "0.5.23":
+            fields["full_capacity"] = 4 * 8192
+        stats = ic.PoolStats(**fields)
         for key, value in dict(is_hybrid_swa=False, is_hybrid_ssm=False, max_total_num_tokens=4 * 8192,
+                               server_args=types.SimpleNamespace(dcp_size=1),  # 0.5.17
                                tree_cache=types.SimpleNamespace(protected_size=lambda: 0),
                                pool_stats_observer=types.SimpleNamespace(session_held_tokens=lambda: 0)).items():
             setattr(checker, key, value)
@@ -273,34 +346,100 @@ def test_leak_check_counts_held_slots_not_mapped_memory(monkeypatch):
         kv._clear_buffers()
 
 
-def test_release_and_resume_kv_cache_memory():
+def test_release_takes_kv_memory_to_zero_and_resume_brings_the_pinned_group_back(monkeypatch):
+    """Through SGLang's own ``release_memory_occupation`` / ``resume_memory_occupation``
+    (kv_cache tag): flushed, then nothing mapped, the pinned page group included, and the
+    control plane shows 0 and SLEEPING; after resume the padded page is mapped and zero
+    and allocation works again."""
+    from sglang.srt.managers.io_struct import ReleaseMemoryOccupationReqInput, ResumeMemoryOccupationReqInput
     from sglang.srt.managers.scheduler_components import weight_updater as wu
 
+    from kvcached.control import Controller
     from kvcached.integrations.sglang.elastic import live_stores
 
     manager = wu.SchedulerWeightUpdaterManager
     assert hasattr(manager.release_memory_occupation, "__wrapped__")  # the patch is in place
     assert hasattr(manager.resume_memory_occupation, "__wrapped__")
+    shm = f"kvcached-test-sglang-rel-{os.getpid()}"
+    monkeypatch.setenv("KVCACHED_SHM_NAME", shm)
+    monkeypatch.setenv("KVCACHED_ENGINE_NAME", "released-llama")
     kv = new_kv(size=4 * 8192)
     alloc, store = new_allocator(kv), kv.kvcached_store
     pool = store.pool
+    paused: list[str] = []
+    updater = types.SimpleNamespace(
+        is_fully_idle=lambda **_: True, offload_tags=set(), scheduler=None,
+        memory_saver_adapter=types.SimpleNamespace(pause=paused.append, resume=paused.remove),
+        flush_cache=lambda: alloc.clear() or True,  # SGLang's flush returns every slot
+    )
     try:
         assert store in live_stores()
-        alloc.free(alloc.alloc(3 * 8192))
-        assert pool.stats().num_pages_mapped_total >= 3  # memory was mapped (and may be trimmed already)
-        assert store.release() == pool.group_bytes and store.released
-        assert pool.arena.mapped_bytes == pool.group_bytes  # nothing but the pinned group
-        assert alloc.available_size() < 8192 and alloc.alloc(8192) is None
+        held = alloc.alloc(3 * 8192)  # in use when the release comes: the flush frees it
+        kv.k_buffer[0][0] = 7  # garbage in the padded page
+        assert pool.arena.mapped_bytes >= 3 * pool.group_bytes
+        manager.release_memory_occupation(updater, ReleaseMemoryOccupationReqInput(tags=["kv_cache"]))
+        assert paused == ["kv_cache"] and held is not None
+        assert store.released and pool.arena.mapped_bytes == 0  # the pinned group too
+        assert alloc.available_size() == 0 and alloc.alloc(1) is None
+        with Controller.open(shm) as ctl:
+            info = ctl.snapshot().engine("released-llama")
+            assert info.mapped_bytes == 0 and info.state.name == "SLEEPING"
+        assert store.release() == 0  # again: nothing changes
+        manager.resume_memory_occupation(updater, ResumeMemoryOccupationReqInput(tags=["kv_cache"]))
+        assert not store.released and pool.arena.mapped_bytes == pool.group_bytes
+        assert torch.count_nonzero(kv.k_buffer[0][0]) == 0  # the padded page came back zeroed
+        assert alloc.available_size() == 4 * 8192
+        got = alloc.alloc(8192)
+        assert got is not None
+        kv.set_kv_buffer(types.SimpleNamespace(layer_id=0), got, torch.ones(8192, NUM_HEADS, HEAD_DIM,
+                         dtype=torch.bfloat16), torch.ones(8192, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16))
+        with Controller.open(shm) as ctl:
+            info = ctl.snapshot().engine("released-llama")
+            assert info.mapped_bytes >= 2 * pool.group_bytes and info.state.name == "RUNNING"
+        pool.check_integrity()
+    finally:
+        kv._clear_buffers()
+        Controller.unlink(shm)
+
+
+def test_release_with_other_tags_leaves_kv_memory_alone():
+    from sglang.srt.managers.io_struct import ReleaseMemoryOccupationReqInput
+    from sglang.srt.managers.scheduler_components import weight_updater as wu
+
+    kv = new_kv(size=4 * 8192)
+    alloc, store = new_allocator(kv), kv.kvcached_store
+    updater = types.SimpleNamespace(is_fully_idle=lambda **_: True, offload_tags=set(), scheduler=None,
+                                    memory_saver_adapter=types.SimpleNamespace(pause=lambda tag: None),
+                                    flush_cache=lambda: True)
+    try:
+        slots = alloc.alloc(100)
+        wu.SchedulerWeightUpdaterManager.release_memory_occupation(
+            updater, ReleaseMemoryOccupationReqInput(tags=["cuda_graph"]))
+        assert not store.released and store.pool.arena.mapped_bytes >= store.pool.group_bytes
+        alloc.free(slots)
+    finally:
+        kv._clear_buffers()
+
+
+def test_release_keeps_the_pinned_group_while_slots_are_held():
+    kv = new_kv(size=4 * 8192)
+    alloc, store = new_allocator(kv), kv.kvcached_store
+    try:
+        held = alloc.alloc(10)  # a flush that could not free everything
+        assert store.release() == store.pool.group_bytes
+        alloc.free(held)
+        assert store.release() == 0  # once they are back, the group goes too
+        store.pool.set_limit_bytes(3 * store.pool.group_bytes)  # kvctl limit while released
         store.resume()
-        assert not store.released and alloc.available_size() == 4 * 8192
-        assert alloc.alloc(8192) is not None
+        assert store.pool.arena.mapped_bytes == store.pool.group_bytes
+        assert store.pool.limit_bytes == 3 * store.pool.group_bytes  # it stands
     finally:
         kv._clear_buffers()
 
 
 def test_profiling_reports_free_device_memory_not_a_fraction():
     from kvcached import vmm
-    from kvcached.integrations.sglang.v0_5_23.runtime import profile_available_bytes
+    from kvcached.integrations.sglang.patches import profile_available_bytes
 
     free_bytes, total_bytes = vmm.make_backend("host").mem_info()
     assert profile_available_bytes("cpu") == free_bytes
@@ -376,3 +515,39 @@ def test_registers_in_the_control_plane(monkeypatch):
     finally:
         kv._clear_buffers()
         Controller.unlink(shm)
+
+
+def test_engine_name_is_the_served_model_name_by_default(monkeypatch):
+    from kvcached.integrations.sglang.elastic import resolve_engine_name
+
+    monkeypatch.delenv("KVCACHED_ENGINE_NAME", raising=False)
+    argv = ["sglang.launch_server", "--model-path", "/models/llama", "--served-model-name", "llama-x"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert resolve_engine_name() == "llama-x"
+    monkeypatch.setattr(sys, "argv", ["sglang.launch_server", "--model-path=/models/llama"])
+    assert resolve_engine_name() == "/models/llama"
+    monkeypatch.setenv("KVCACHED_ENGINE_NAME", "chosen")  # kvctl launch --name
+    assert resolve_engine_name() == "chosen"
+
+
+def test_prefix_bound_evicts_page_aware(monkeypatch):
+    """Two cached prefixes of equal size: the older shares its page group with a live
+    request, the newer has a group of its own. LRU would evict the older and free no
+    memory; the bound evicts the newer, so its group empties and is unmapped."""
+    kv = new_kv(size=4 * 8192)
+    alloc, pool = new_allocator(kv), kv.kvcached_store.pool
+    try:
+        tree = new_tree(alloc)
+        live = alloc.alloc(8192 - 1 - 4000)  # group 0, with slot 0 pinned
+        older = insert(tree, alloc, list(range(4000)))  # fills group 0
+        newer = insert(tree, alloc, list(range(100_000, 104_000)))  # group 1, alone
+        assert {int(s) // 8192 for s in older.tolist()} == {0} and {int(s) // 8192 for s in newer.tolist()} == {1}
+        assert pool.arena.mapped_bytes == 2 * pool.group_bytes
+        monkeypatch.setenv("KVCACHED_PREFIX_CACHE_MAX", str(4000 * pool.block_bytes))
+        insert(tree, alloc, list(range(200_000, 200_001)))  # one more insert applies the bound
+        assert tree.evictable_size() <= 4000
+        assert alloc.num_pages_in_use == live.numel() + tree.evictable_size()
+        assert torch.all(alloc._in_use[older]) and not torch.any(alloc._in_use[newer])  # the newer one went
+        assert wait_for(lambda: pool.arena.mapped_bytes == pool.group_bytes)  # and its group with it
+    finally:
+        kv._clear_buffers()

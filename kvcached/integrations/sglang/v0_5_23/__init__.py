@@ -6,9 +6,10 @@
 ``sglang.srt.mem_cache.allocator.paged``               the ``get_paged_allocator_cls`` seam gives the
                                                        elastic paged allocator
 ``sglang.srt.mem_cache.kv_cache_configurator``         page-size-1 allocator by name; capacity from
-                                                       free device memory, not a fixed fraction
+                                                       free device memory; unsupported pools refused
 ``...scheduler_components.invariant_checker``          the leak check counts held slots, not mapped
-``...scheduler_components.weight_updater``             release / resume of ``kv_cache`` unmaps / maps
+``...scheduler_components.weight_updater``             release / resume of ``kv_cache`` unmaps all /
+                                                       maps the pinned group again
 ``sglang.srt.mem_cache.radix_cache``                   cached prefix bounded by ``KVCACHED_PREFIX_CACHE_MAX``
 ====================================================  =============================================
 """
@@ -16,16 +17,17 @@
 from __future__ import annotations
 
 from kvcached.integrations.hooks import when_imported
-from kvcached.integrations.sglang.v0_5_23 import runtime
+from kvcached.integrations.sglang import patches
+from kvcached.integrations.sglang.v0_5_23 import seams
 
 __all__ = ["install"]
 
 
 def install() -> None:
     """Arm every patch of this version range (each applies when its module is imported)."""
-    when_imported("sglang.srt.mem_cache.memory_pool", runtime.patch_platform_pools)
-    when_imported("sglang.srt.mem_cache.allocator.paged", runtime.patch_platform_allocator)
-    when_imported("sglang.srt.mem_cache.kv_cache_configurator", runtime.patch_configurator)
-    when_imported("sglang.srt.managers.scheduler_components.invariant_checker", runtime.patch_leak_check)
-    when_imported("sglang.srt.managers.scheduler_components.weight_updater", runtime.patch_release_resume)
-    when_imported("sglang.srt.mem_cache.radix_cache", runtime.patch_radix_cache)
+    when_imported("sglang.srt.mem_cache.memory_pool", seams.patch_platform_pools)
+    when_imported("sglang.srt.mem_cache.allocator.paged", seams.patch_platform_allocator)
+    when_imported("sglang.srt.mem_cache.kv_cache_configurator", seams.patch_configurator)
+    when_imported("sglang.srt.managers.scheduler_components.invariant_checker", patches.patch_leak_check)
+    when_imported("sglang.srt.managers.scheduler_components.weight_updater", patches.patch_release_resume)
+    when_imported("sglang.srt.mem_cache.radix_cache", patches.patch_radix_cache)

@@ -1,4 +1,5 @@
-"""SGLang 0.5.23 token-to-KV allocators that draw SGLang pages from kvcached.
+"""SGLang token-to-KV allocators that draw SGLang pages from kvcached (SGLang 0.5.17 and
+0.5.23: the methods overridden here have the same contract in both).
 
 The allocator keeps no free list of its own: every SGLang page it hands out is a
 kvcached block taken from the pool (mapping page groups on demand), and every page freed
@@ -9,6 +10,9 @@ extend/decode index kernels still run, fed exactly the pages they will consume.
 limit and the device still allow), so SGLang admits requests against real memory;
 :meth:`ElasticAllocatorMixin.index_free_tokens` is the slot-space truth (capacity minus
 slots held) that SGLang's leak check compares against.
+
+Binding to the pool's store registers the engine in the control plane: a pool with an
+allocator is a live engine (a pool SGLang builds and then refuses never registers).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ class ElasticAllocatorMixin:
     device: Any
     _kvcache: Any
     free_pages: Any
-    free_group: list[torch.Tensor] | None
     _store: ElasticKV
     _in_use: torch.Tensor
     _num_in_use: int
@@ -49,6 +52,7 @@ class ElasticAllocatorMixin:
         self._in_use = torch.zeros(self.size // self.page_size + 1, dtype=torch.bool)
         self._num_in_use = 0
         self._held_out = []
+        store.register()
 
     @property
     def num_pages_in_use(self) -> int:
@@ -58,6 +62,20 @@ class ElasticAllocatorMixin:
     def index_free_tokens(self) -> int:
         """Slots not held by anyone: the capacity SGLang's leak check accounts for."""
         return (self.size // self.page_size - self._num_in_use) * self.page_size
+
+    @property
+    def slots_per_group(self) -> int:
+        """Token slots on one kvcached page group."""
+        return self.page_size * self._store.pool.blocks_per_page
+
+    def held_blocks_per_group(self) -> torch.Tensor:
+        """SGLang pages held, per kvcached page group (index: group id; CPU int64)."""
+        per_group = self._store.pool.blocks_per_page
+        held = self._in_use.to(torch.int64)
+        pad = -held.numel() % per_group
+        if pad:
+            held = torch.cat((held, held.new_zeros(pad)))
+        return held.view(-1, per_group).sum(dim=1)
 
     def available_size(self) -> int:
         blocks = self._store.allocatable_blocks() - len(self._held_out)
@@ -109,7 +127,11 @@ class ElasticAllocatorMixin:
 
 
 class ElasticTokenToKVPoolAllocator(ElasticAllocatorMixin, TokenToKVPoolAllocator):
-    """``TokenToKVPoolAllocator`` (page size 1) over kvcached."""
+    """``TokenToKVPoolAllocator`` (page size 1) over kvcached. Frees between
+    ``free_group_begin`` and ``free_group_end`` are held here and returned at the end
+    (SGLang's own bookkeeping of such groups differs between versions; this is the same)."""
+
+    _deferred_frees: list[torch.Tensor] | None = None
 
     def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: Any, need_sort: bool) -> None:
         self._kvcache = kvcache
@@ -119,9 +141,9 @@ class ElasticTokenToKVPoolAllocator(ElasticAllocatorMixin, TokenToKVPoolAllocato
 
     def clear(self) -> None:
         self._return_everything()
+        self._deferred_frees = None
         self.free_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
         self.release_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
-        self.free_group = None
 
     def alloc(self, need_size: int) -> torch.Tensor | None:
         return self._take_pages(need_size)
@@ -129,10 +151,18 @@ class ElasticTokenToKVPoolAllocator(ElasticAllocatorMixin, TokenToKVPoolAllocato
     def free(self, free_index: torch.Tensor) -> None:
         if free_index.numel() == 0:
             return
-        if self.free_group is not None:
-            self.free_group.append(self._copy_for_free_group(free_index))
+        if self._deferred_frees is not None:
+            self._deferred_frees.append(free_index.clone())  # the caller may reuse its tensor
         else:
             self._give_pages(free_index)
+
+    def free_group_begin(self) -> None:
+        self._deferred_frees = []
+
+    def free_group_end(self) -> None:
+        group, self._deferred_frees = self._deferred_frees, None
+        if group:
+            self.free(torch.cat(group))
 
 
 class ElasticPagedTokenToKVPoolAllocator(ElasticAllocatorMixin, PagedTokenToKVPoolAllocator):
