@@ -24,6 +24,8 @@ def engine_state(engine: EngineInfo) -> str:
         return f"{state},stalled"
     if engine.watch_error:
         return f"{state},error"
+    if engine.at_share:
+        return f"{state},at-share"
     return state
 
 

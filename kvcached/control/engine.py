@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from kvcached.control import registry
 from kvcached.control.errors import InvalidValue
 from kvcached.control.layout import (
+    FLAG_AT_SHARE,
     FLAG_LIMIT_MET,
     FLAG_WATCH_ERROR,
     NO_LIMIT,
@@ -304,7 +305,8 @@ class EngineHandle:
         stats = self.pool.stats()
         self._follow_pressure(stats)
         self._follow_share()
-        flags = (self._flags & ~FLAG_LIMIT_MET) | (FLAG_LIMIT_MET if self.pool.limit_met else 0)
+        flags = (self._flags & ~(FLAG_LIMIT_MET | FLAG_AT_SHARE)) | (FLAG_LIMIT_MET if self.pool.limit_met else 0)
+        flags |= FLAG_AT_SHARE if self._share_set is not None else 0
         with self._writing():
             slot.used_bytes = stats.used_bytes
             slot.cached_bytes = stats.cached_bytes

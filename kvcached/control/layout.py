@@ -23,6 +23,7 @@ from enum import IntEnum
 
 __all__ = [
     "ABI_VERSION",
+    "FLAG_AT_SHARE",
     "FLAG_LIMIT_MET",
     "FLAG_WATCH_ERROR",
     "MAGIC",
@@ -56,6 +57,7 @@ SLOT_BYTES = 1024
 
 FLAG_LIMIT_MET = 1 << 0  # the pool is within its limit (live blocks may keep it over)
 FLAG_WATCH_ERROR = 1 << 1  # the engine's watcher hit an error applying a limit
+FLAG_AT_SHARE = 1 << 2  # a peer is short of memory: this engine is held to its fair share
 
 
 class EngineKind(IntEnum):

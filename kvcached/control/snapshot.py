@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from kvcached.control import registry
 from kvcached.control.errors import ControlError, SegmentCorrupt, UnknownEngine, UnknownGpu
 from kvcached.control.layout import (
+    FLAG_AT_SHARE,
     FLAG_LIMIT_MET,
     FLAG_WATCH_ERROR,
     NO_LIMIT,
@@ -69,6 +70,7 @@ class EngineInfo:
     applied_limit_bytes: int | None
     limit_met: bool
     watch_error: bool
+    at_share: bool  # held to its fair share while a peer is short of memory
     weight: float
     min_bytes: int
     num_allocs: int
@@ -174,6 +176,7 @@ def _engine_info(index: int, slot: Slot, gpu_uuids: dict[int, str], now_ns: int)
         applied_limit_bytes=None if applied == NO_LIMIT else applied,
         limit_met=bool(slot.flags & FLAG_LIMIT_MET),
         watch_error=bool(slot.flags & FLAG_WATCH_ERROR),
+        at_share=bool(slot.flags & FLAG_AT_SHARE),
         weight=slot.weight,
         min_bytes=slot.min_bytes,
         num_allocs=slot.num_allocs,

@@ -253,6 +253,11 @@ def test_an_engine_is_held_to_its_share_while_a_peer_is_refused(shm_name: str, c
                 assert time.monotonic() - start < 0.2, "A was not told its share within 200 ms"
                 time.sleep(0.005)
             assert shares == [2 * PAGE_BYTES]  # half the budget: two awake engines of weight 1
+            time.sleep(0.05)  # a watcher round publishes it
+            from kvctl.listing import engine_state
+
+            assert engine_state(controller.snapshot().engine("a")) == "running,at-share"
+            assert not controller.snapshot().engine("b").at_share
             while shares[-1] is not None:
                 assert time.monotonic() - start < 2.0, "the share outlived the contention"
                 time.sleep(0.02)

@@ -45,6 +45,7 @@ def _engine(
         applied_limit_bytes=limit,
         limit_met=True,
         watch_error=False,
+        at_share=False,
         weight=weight,
         min_bytes=min_bytes,
         num_allocs=0,
