@@ -22,7 +22,6 @@ ROOT=$(cd "$HERE/../../.." && pwd)
 BUILD=${BUILD:-/tmp/kvstage-sglang-build}
 PIECE_MIB=${PIECE_MIB:-58}
 PY=${PYTHON:-python3}
-STAGE=$ROOT/.stage-sglang
 
 SGLANG_WHEEL=sglang-0.5.17-cp312-cp312-manylinux_2_34_x86_64.whl
 SGLANG_SHA256=fb4cba478a5dca5ee146550b39f33add1c4e475d21ee11810b86ed1c58068093
@@ -79,47 +78,4 @@ nw=$(ls "$BUILD/wheels" | wc -l); nr=$(( $(wc -l < "$BUILD/requirements.txt") + 
 [ "$nw" -eq "$nr" ] || { echo "expected $nr wheels, got $nw" >&2; ls "$BUILD/wheels"; exit 1; }
 
 echo "== 4. pack and split"
-(cd "$BUILD/wheels" && sha256sum -- *.whl > "$BUILD/WHEELS.sha256")
-cp "$BUILD/WHEELS.sha256" "$BUILD/wheels/WHEELS.sha256"
-rm -f "$BUILD/payload.tar"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
-    -cf "$BUILD/payload.tar" -C "$BUILD/wheels" .
-total=$(stat -c %s "$BUILD/payload.tar")
-max=$(( PIECE_MIB * 1024 * 1024 ))
-n=$(( (total + max - 1) / max ))
-chunk=$(( (total + n - 1) / n ))
-rm -rf "$BUILD/chunks" && mkdir -p "$BUILD/chunks"
-split -b "$chunk" -d -a 2 --numeric-suffixes=1 "$BUILD/payload.tar" "$BUILD/chunks/payload.tar."
-(cd "$BUILD" && sha256sum payload.tar > PAYLOAD.sha256)
-(cd "$BUILD/chunks" && sha256sum payload.tar.* > ../SHA256SUMS)
-
-rm -rf "$STAGE"
-k=0
-for c in "$BUILD"/chunks/payload.tar.*; do
-    k=$((k + 1))
-    d="$STAGE/part$k"
-    mkdir -p "$d"
-    cp "$c" "$d/"
-    cp "$BUILD/SHA256SUMS" "$BUILD/PAYLOAD.sha256" "$BUILD/WHEELS.sha256" "$d/"
-done
-
-exclude=$(git -C "$ROOT" rev-parse --git-path info/exclude)
-case "$exclude" in /*) ;; *) exclude="$ROOT/$exclude" ;; esac
-mkdir -p "$(dirname "$exclude")"
-grep -qxF '/.stage-sglang/' "$exclude" 2>/dev/null || echo '/.stage-sglang/' >> "$exclude"
-
-echo
-echo "payload: $(( total / 1024 / 1024 )) MiB in $n piece(s), id $(cut -c1-12 "$BUILD/PAYLOAD.sha256")"
-for d in "$STAGE"/part*; do
-    printf '  %-20s %6.1f MiB\n' ".stage-sglang/$(basename "$d")" \
-        "$(du -cb "$d" | tail -1 | awk '{print $1/1048576}')"
-done
-# (files deleted but still tracked make stat fail: count what exists)
-tree_b=$(cd "$ROOT" && { git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null || true; } \
-         | awk '{s+=$1} END {print s+0}')
-printf '  working tree that travels besides: %.1f MiB (limit 64 MiB with one piece)\n' \
-    "$(echo "$tree_b" | awk '{print $1/1048576}')"
-biggest=$(du -b "$STAGE"/part*/payload.tar.* | sort -n | tail -1 | cut -f1)
-if [ $(( biggest + tree_b )) -gt $(( 64 * 1024 * 1024 - 512 * 1024 )) ]; then
-    echo "WARNING: a piece plus the working tree exceeds 64 MiB; rerun with a smaller PIECE_MIB" >&2
-fi
+bash "$HERE/../pack_payload.sh" "$BUILD" "$ROOT" .stage-sglang "$PIECE_MIB"
