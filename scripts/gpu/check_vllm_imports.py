@@ -21,11 +21,12 @@ standards, ...), and lists the routes.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import traceback
-from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import import_all
 
 MODULES = [
     "vllm",
@@ -96,31 +97,7 @@ MODULES = [
 
 
 def main() -> int:
-    failures: dict[str, list[str]] = defaultdict(list)
-    others: list[tuple[str, str]] = []
-    verbose = "-v" in sys.argv
-    for name in MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            top = (e.name or "?").split(".")[0]
-            failures[top].append(name)
-            if verbose:
-                traceback.print_exc()
-        except Exception as e:
-            others.append((name, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
-            if verbose:
-                traceback.print_exc()
-    import vllm
-
-    print(f"vllm {vllm.__version__} from {os.path.dirname(vllm.__file__)}")
-    for top, mods in sorted(failures.items()):
-        print(f"MISSING {top}: needed by {', '.join(mods[:4])}{' ...' if len(mods) > 4 else ''}")
-    for name, msg in others:
-        print(f"ERROR {name}: {msg}")
-    ok = len(MODULES) - sum(map(len, failures.values())) - len(others)
-    print(f"{ok}/{len(MODULES)} modules imported")
-    bad = bool(failures or others)
+    bad = not import_all("vllm", MODULES, verbose="-v" in sys.argv)
     if "--app" in sys.argv:
         model = sys.argv[sys.argv.index("--app") + 1]
         try:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import engine_mapped, http, kvctl_ls, start, stop, wait_healthy
 
 PROMPTS = [
     "The memory page is",
@@ -38,27 +38,8 @@ PROMPTS = [
 ]
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = 300) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-    return json.loads(raw) if raw.strip().startswith(b"{") else {"raw": raw.decode(errors="replace")}
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, limit_s: float) -> float:
-    t0 = time.time()
-    while time.time() - t0 < limit_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it became healthy")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.time() - t0
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not healthy after {limit_s:.0f} s")
 
 
 def complete(base: str, prompt: str, max_tokens: int) -> list[int] | str:
@@ -70,31 +51,12 @@ def complete(base: str, prompt: str, max_tokens: int) -> list[int] | str:
     return choice["text"]
 
 
-def kvctl_ls(env: dict) -> dict:
-    proc = subprocess.run(["kvctl", "ls", "--json"], capture_output=True, text=True, env=env, timeout=30)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip()}
-    return json.loads(proc.stdout)
 
 
-def engine_mapped(listing: dict) -> int | None:
-    engines = listing.get("engines") or []
-    return int(engines[0]["mapped_bytes"]) if engines else None
 
 
-def start(cmd: list[str], env: dict, log_path: str) -> subprocess.Popen:
-    with open(log_path, "w") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def main() -> int:
@@ -136,7 +98,7 @@ def main() -> int:
     def sample() -> None:
         t0 = time.time()
         while not stop_sampling.is_set():
-            samples.append((round(time.time() - t0, 2), engine_mapped(kvctl_ls(kv_env))))
+            samples.append((round(time.time() - t0, 2), engine_mapped(kvctl_ls(kv_env), "llama8b")))
             time.sleep(0.25)
 
     try:
@@ -144,7 +106,7 @@ def main() -> int:
         listing = kvctl_ls(kv_env)
         report["kvctl_ls_idle"] = listing
         checks["kvctl_ls_shows_engine"] = any(e.get("name") == "llama8b" for e in listing.get("engines", []))
-        idle = engine_mapped(listing) or 0
+        idle = engine_mapped(listing, "llama8b") or 0
         ours = [complete(base, p, args.max_tokens) for p in PROMPTS]
         report["outputs_kvcached"], report["outputs_plain"] = ours, plain
         if plain:
@@ -157,14 +119,14 @@ def main() -> int:
         time.sleep(4)
         stop_sampling.set()
         peak = max((m or 0) for _, m in samples)
-        after = engine_mapped(kvctl_ls(kv_env)) or 0
+        after = engine_mapped(kvctl_ls(kv_env), "llama8b") or 0
         report.update(idle_mapped=idle, peak_mapped=peak, after_mapped=after, samples=samples,
                       burst_seconds=round(burst_end - report["kvcached_startup_s"], 1))
         checks["mapped_rises_under_load"] = peak > idle
         checks["mapped_falls_after_load"] = after < peak / 2
         http("POST", base + "/sleep?level=1")
         time.sleep(1.5)
-        asleep = engine_mapped(kvctl_ls(kv_env))
+        asleep = engine_mapped(kvctl_ls(kv_env), "llama8b")
         report["sleep_mapped"] = asleep
         checks["sleep_takes_kv_to_zero"] = asleep == 0
         http("POST", base + "/wake_up")

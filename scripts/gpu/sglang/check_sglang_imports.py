@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import traceback
-from collections import defaultdict
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from serving import import_all
 
 MODULES = [
     "sglang",
@@ -81,38 +82,16 @@ def _pretend_hopper_without_a_gpu() -> None:
 
 
 def main() -> int:
-    failures: dict[str, list[str]] = defaultdict(list)
+    failures: dict[str, list[str]] = {}
     others: list[tuple[str, str]] = []
-    verbose = "-v" in sys.argv
     try:
         _pretend_hopper_without_a_gpu()
     except ModuleNotFoundError as e:
-        failures[(e.name or "?").split(".")[0]].append("sgl_kernel")
+        failures[(e.name or "?").split(".")[0]] = ["sgl_kernel"]
     except Exception as e:
         others.append(("sgl_kernel (as on 9.0)", f"{type(e).__name__}: {e}".splitlines()[0][:300]))
-    for name in MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            top = (e.name or "?").split(".")[0]
-            failures[top].append(name)
-            if verbose:
-                traceback.print_exc()
-        except Exception as e:
-            others.append((name, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
-            if verbose:
-                traceback.print_exc()
-    import sglang
-
-    print(f"sglang {sglang.__version__} from {os.path.dirname(sglang.__file__)}")
-    for top, mods in sorted(failures.items()):
-        print(f"MISSING {top}: needed by {', '.join(mods[:4])}{' ...' if len(mods) > 4 else ''}")
-    for name, msg in others:
-        print(f"ERROR {name}: {msg}")
-    ok = len(MODULES) - sum(map(len, failures.values())) - len(others)
-    print(f"{ok}/{len(MODULES)} modules imported")
-    return 1 if failures or others else 0
-
+    ok = import_all("sglang", MODULES, verbose="-v" in sys.argv, failures=failures, others=others)
+    return 0 if ok else 1
 
 if __name__ == "__main__":
     sys.exit(main())

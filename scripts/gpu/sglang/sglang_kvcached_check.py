@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +29,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from serving import engine_mapped, engine_row, http, kvctl_ls, start, stop, wait_healthy
 
 PROMPTS = [
     "The memory page is",
@@ -45,33 +46,8 @@ PROMPTS = [
 SERVED_NAME = "llama"
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = 300) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-    text = raw.decode(errors="replace").strip()
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"raw": text}
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, limit_s: float) -> float:
-    t0 = time.time()
-    while time.time() - t0 < limit_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it became healthy")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.time() - t0
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not healthy after {limit_s:.0f} s")
 
 
 def complete(base: str, prompt: str, max_tokens: int) -> str:
@@ -81,35 +57,14 @@ def complete(base: str, prompt: str, max_tokens: int) -> str:
     return out["choices"][0]["text"]
 
 
-def kvctl_ls(env: dict) -> dict:
-    proc = subprocess.run(["kvctl", "ls", "--json"], capture_output=True, text=True, env=env, timeout=30)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip()}
-    return json.loads(proc.stdout)
 
 
-def engine_row(listing: dict, name: str) -> dict | None:
-    return next((e for e in listing.get("engines") or [] if e.get("name") == name), None)
 
 
-def engine_mapped(listing: dict, name: str) -> int | None:
-    row = engine_row(listing, name)
-    return None if row is None else int(row["mapped_bytes"])
 
 
-def start(cmd: list[str], env: dict, log_path: str) -> subprocess.Popen:
-    with open(log_path, "w") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_for(predicate: Any, limit_s: float) -> bool:
