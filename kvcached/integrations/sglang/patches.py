@@ -12,11 +12,13 @@ from types import ModuleType
 from typing import Any
 
 from kvcached import envs
+from kvcached.integrations.hooks import when_imported
 from kvcached.integrations.sglang.elastic import elastic_store_of, live_stores
 
 __all__ = [
     "DONE_MARK",
     "PageAwarePriority",
+    "arm_shared",
     "check_pool_choice",
     "enforce_prefix_bound",
     "mark_once",
@@ -28,6 +30,14 @@ __all__ = [
 ]
 
 DONE_MARK = "_kvcached_patched"
+
+
+def arm_shared() -> None:
+    """Arm the patches every supported version takes the same way: the leak check, release /
+    resume of ``kv_cache``, and the radix cache's byte bound."""
+    when_imported("sglang.srt.managers.scheduler_components.invariant_checker", patch_leak_check)
+    when_imported("sglang.srt.managers.scheduler_components.weight_updater", patch_release_resume)
+    when_imported("sglang.srt.mem_cache.radix_cache", patch_radix_cache)
 
 
 def mark_once(target: Any) -> bool:

@@ -24,6 +24,4 @@ __all__ = ["install"]
 def install() -> None:
     """Arm every patch of this version range (each applies when its module is imported)."""
     when_imported("sglang.srt.mem_cache.kv_cache_configurator", seams.patch_configurator)
-    when_imported("sglang.srt.managers.scheduler_components.invariant_checker", patches.patch_leak_check)
-    when_imported("sglang.srt.managers.scheduler_components.weight_updater", patches.patch_release_resume)
-    when_imported("sglang.srt.mem_cache.radix_cache", patches.patch_radix_cache)
+    patches.arm_shared()

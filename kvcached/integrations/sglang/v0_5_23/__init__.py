@@ -28,6 +28,4 @@ def install() -> None:
     when_imported("sglang.srt.mem_cache.memory_pool", seams.patch_platform_pools)
     when_imported("sglang.srt.mem_cache.allocator.paged", seams.patch_platform_allocator)
     when_imported("sglang.srt.mem_cache.kv_cache_configurator", seams.patch_configurator)
-    when_imported("sglang.srt.managers.scheduler_components.invariant_checker", patches.patch_leak_check)
-    when_imported("sglang.srt.managers.scheduler_components.weight_updater", patches.patch_release_resume)
-    when_imported("sglang.srt.mem_cache.radix_cache", patches.patch_radix_cache)
+    patches.arm_shared()
