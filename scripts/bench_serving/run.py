@@ -72,6 +72,7 @@ class Bench:
     servers: list[Server] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
     t_start: float = field(default_factory=time.time)
+    startup_s: float | None = None  # multi: until all engines answered /health
 
 
 # -- servers ----------------------------------------------------------------------------
@@ -329,7 +330,7 @@ def meta(bench: Bench) -> dict[str, Any]:
         m["vllm"] = None
     m["commit"] = os.environ.get("KVCACHED_COMMIT", "")
     m["budget_bytes"], m["floor_bytes"] = bench.args.budget_bytes, bench.args.floor_bytes
-    m["startup_s"] = getattr(bench, "startup_s", None)
+    m["startup_s"] = bench.startup_s
     return m
 
 
@@ -364,8 +365,8 @@ def multi(bench: Bench) -> None:
                 *serve_cmd(a, name, port, ["--gpu-memory-utilization", str(a.gpu_util)]),
             ]
             start_server(bench, name, port, cmd, env)
-    bench.startup_s = wait_healthy(bench.servers, 420)  # type: ignore[attr-defined]
-    print(f"{a.engines} {a.config} engines healthy after {bench.startup_s:.0f} s", flush=True)  # type: ignore[attr-defined]
+    bench.startup_s = wait_healthy(bench.servers, 420)
+    print(f"{a.engines} {a.config} engines healthy after {bench.startup_s:.0f} s", flush=True)
     if a.config == "kvcached":
         from kvcached.control import Controller
 
