@@ -97,7 +97,6 @@ class VllmPages:
         self.budget_room = budget_room
         self._share_blocks: int | None = None
         self._budget_noted = 0.0
-        self._last_activity = time.monotonic()
         self._state = bytearray(num_blocks)
         self._page = bytearray(self.num_pages)  # mapping state
         self._held = [0] * self.num_pages  # used + cached blocks per page
@@ -426,7 +425,7 @@ class VllmPages:
     def _set_states(self, block_ids: Iterable[int], state: int) -> None:
         st, bpp, held, cached, empty = self._state, self.blocks_per_page, self._held, self._cached, self._empty_since
         cold = self._cold_since
-        now = self._last_activity = time.monotonic()
+        now = time.monotonic()
         for b in block_ids:
             old = st[b]
             if old == state:
