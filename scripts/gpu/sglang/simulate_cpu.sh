@@ -8,7 +8,8 @@
 #
 # 1. stage_sglang.sh run twice, from two scratch roots that hold only .stage-sglang/part1,
 #    then only part2 (as the chained device calls will); the second installs into
-#    $SIM/site-sglang and runs check_sglang_imports.py (sgl_kernel as on a 9.0 GPU).
+#    $SIM/site-sglang and runs check_sglang_imports.py (as on a 9.0 GPU: SGLang's
+#    is_cuda() imports, FlashInfer's included, and sgl_kernel's sm90 ops).
 # 2. `python -m sglang.launch_server` of the tiny model with the flags the GPU check
 #    uses, plain and with ENABLE_KVCACHED=true, runs the real start-up path (arguments,
 #    model config, tokenizer, the scheduler process) until the model runner needs a
@@ -20,6 +21,9 @@ ROOT=$(cd "$HERE/../../.." && pwd)
 SIM=${SIM:-/tmp/kvsim}
 P=$SIM/venv312/bin/python
 [ -x "$P" ] && [ -f "$SIM/stub/libcuda.so.1" ] || { echo "run scripts/gpu/simulate_cpu.sh first (needs $P, $SIM/stub)" >&2; exit 1; }
+# FlashInfer (imported on CUDA, which check_sglang_imports.py pretends) needs pynvml: the
+# image has nvidia-ml-py, the venv may not.
+"$P" -c "import pynvml" 2>/dev/null || "$P" -m pip install -q nvidia-ml-py
 
 echo "== stage_sglang.sh, one piece per call"
 rm -rf "$SIM/kvstage-sglang" "$SIM/site-sglang"
