@@ -85,7 +85,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--extra", default="", help="extra sglang.launch_server arguments")
     ap.add_argument("--skip-plain", action="store_true")
-    ap.add_argument("--prefix-cache-max", default="64MiB", help="KVCACHED_PREFIX_CACHE_MAX for the kvcached run")
+    # The tiny model holds 1 KiB of KV per token: a 64 MiB bound kept the whole burst
+    # (128 requests of ~520 tokens) cached on the H200, and nothing could fall.
+    ap.add_argument("--prefix-cache-max", default="2MiB", help="KVCACHED_PREFIX_CACHE_MAX for the kvcached run")
     args = ap.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     serve = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--load-format", "dummy",
@@ -137,8 +139,8 @@ def main() -> int:
             checks["greedy_outputs_identical"] = ours == plain
         threading.Thread(target=sample, daemon=True).start()
         time.sleep(1)
-        with ThreadPoolExecutor(64) as pool:  # a burst: 128 long requests, 64 at a time
-            list(pool.map(lambda i: complete(base, f"{PROMPTS[i % 8]} {i}", 512), range(128)))
+        with ThreadPoolExecutor(64) as pool:  # a burst: 256 long requests, 64 at a time
+            list(pool.map(lambda i: complete(base, f"{PROMPTS[i % 8]} {i}", 512), range(256)))
         time.sleep(4)
         stop_sampling.set()
         peak = max((m or 0) for _, m in samples)
