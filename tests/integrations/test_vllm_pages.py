@@ -254,3 +254,26 @@ def test_idle_trim_keeps_the_page_the_next_request_will_use(make):
     pages.maintain()
     assert arena.mapped_pages() == [0, 5]
     pages.check_integrity()
+
+
+def test_packing_follows_the_budget_and_hands_out_surplus_cache_first(make):
+    room: dict[str, int | None] = {"bytes": None}
+    pages, _ = make(budget_room=lambda: room["bytes"], idle_cache_bytes=2 * (2 * PAGE // BPP))  # 2 blocks
+    assert not pages.packs()  # no budget: vLLM's own order
+    room["bytes"] = 1 << 30
+    assert pages.packs()  # engines share a budget: fill mapped pages first
+    pages.ensure_mapped([1, 2, 3])  # page 3 stays empty: the reserve
+    pages.set_states(range(1, 48), USED)
+    pages.set_states(range(20, 26), CACHED)  # 6 cached blocks, 4 beyond the 2-block bound
+    pages.set_states([33, 34], FREE)
+    assert pages.blocks_to_pack(100) == [33, 34, 20, 21, 22, 23, *range(48, 64)]
+    assert pages.blocks_to_pack(4) == [33, 34, 20, 21]
+    pages.set_states(range(20, 26), USED)
+    pages.set_states([33, 34], USED)
+    pages.set_states(range(48, 64), USED)
+    assert pages.blocks_to_pack(100) == []  # nothing to reuse: a new page group it is
+    for mode, expected in (("on", True), ("off", False)):
+        forced, _ = make(pack=mode)
+        assert forced.packs() is expected
+    with pytest.raises(ValueError, match="pack must be"):
+        make(pack="sometimes")

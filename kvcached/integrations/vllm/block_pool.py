@@ -2,9 +2,10 @@
 
 A subclass of the engine's own ``BlockPool`` (``super().__init__`` keeps ``blocks``,
 the free queue, the prefix-cache maps and the null block exactly as vLLM builds them),
-so vLLM still chooses every block id; :class:`~kvcached.integrations.vllm.pages.VllmPages`
-maps the page group under a block before vLLM hands it out and returns page groups
-whose blocks are all free.
+so vLLM still chooses every block id (on a GPU shared under a budget, free and surplus
+cached blocks on mapped pages are moved to the head of its queue first: packing);
+:class:`~kvcached.integrations.vllm.pages.VllmPages` maps the page group under a block
+before vLLM hands it out and returns page groups whose blocks are all free.
 
 Capacity is reported through ``get_num_free_blocks()``: vLLM's count, capped by what the
 limit (and the GPU budget) lets us map. ``KVCacheManager.allocate_slots`` compares it
@@ -60,14 +61,22 @@ class ElasticBlockPool(BlockPool):
     def _map_upcoming(self, num_blocks: int) -> None:
         """Make the next ``num_blocks`` of vLLM's free queue sit on mapped pages.
 
-        Their pages are mapped if the limit and the budget allow; otherwise free blocks
-        on mapped pages move to the head of the queue first. If the device or the budget
-        still refuses (another engine took the room since the capacity check), wait for
+        On a shared GPU blocks on mapped pages go first (packing, see
+        :class:`~kvcached.integrations.vllm.pages.VllmPages`). Then the pages still
+        needed are mapped if the limit and the budget allow; otherwise any free block on
+        a mapped page moves to the head of the queue. If the device or the budget still
+        refuses (another engine took the room since the capacity check), wait for
         memory, with the lock released, up to ``KVCACHED_MAP_WAIT_S``.
         """
         kv, deadline = self.kv, None
         while True:
             pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))
+            if pages and kv.packs():
+                # A page group's worth at a time: the next allocations find theirs at the head.
+                packed = kv.blocks_to_pack(max(num_blocks, kv.blocks_per_page))
+                if packed:
+                    self._to_front([self.blocks[i] for i in packed])
+                    pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))
             if not pages or kv.ensure_mapped(pages):
                 return
             on_mapped = kv.free_blocks_on_mapped_pages(num_blocks)

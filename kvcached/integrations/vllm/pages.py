@@ -21,6 +21,13 @@ choice alone and keeps physical memory under exactly the blocks that need it:
 * the prefix cache keeps at most ``idle_cache_bytes`` of *cold* pages (page groups holding
   only cached blocks, untouched for ``trim_idle_s``); beyond that they are evicted and
   unmapped, busy or idle, so memory returns after a peak while the engine still serves.
+* on a shared GPU (a budget is set, or ``pack="on"``) vLLM's order yields to *packing*:
+  before a new page group is mapped, free blocks on mapped groups (lowest group first)
+  go to the head of vLLM's queue, and so do cached ones while the prefix cache holds more
+  than ``idle_cache_bytes``. vLLM's own order hands out never-used blocks before freed
+  ones, so an engine would otherwise map its whole limit while most of it holds a stale
+  prefix cache, and scatter its live blocks over every group it touched; packed, what it
+  maps follows what it uses and groups empty as requests finish.
 
 Pages the scheduler is about to need (the head of vLLM's free queue) are mapped ahead
 by a background thread, so allocation rarely waits for the driver.
@@ -61,6 +68,7 @@ class VllmPages:
         idle_cache_bytes: cold prefix cache kept mapped (None: keep every cached block).
         budget_room: bytes the GPU budget still admits (None: no budget); the control
             plane's ``EngineHandle.budget_room_bytes`` once registered.
+        pack: "auto" (pack while the GPU has a budget), "on", or "off" (vLLM's order).
         start_thread: run the prefetch/trim thread (tests may drive :meth:`maintain`).
     """
 
@@ -76,12 +84,15 @@ class VllmPages:
         reserve_pages: int = 1,
         idle_cache_bytes: int | None = None,
         budget_room: Callable[[], int | None] | None = None,
+        pack: str = "auto",
         start_thread: bool = True,
     ) -> None:
         if num_blocks <= 0 or blocks_per_page <= 0 or block_bytes <= 0:
             raise ValueError(
                 f"num_blocks, blocks_per_page and block_bytes must be > 0, got {num_blocks}, {blocks_per_page}, {block_bytes}"
             )
+        if pack not in ("auto", "on", "off"):
+            raise ValueError(f"pack must be 'auto', 'on' or 'off', got {pack!r}")
         self.mapper = mapper
         self.lock = threading.RLock()
         self._cond = threading.Condition(self.lock)
@@ -95,6 +106,7 @@ class VllmPages:
         self.reserve_pages = reserve_pages
         self.idle_cache_bytes = idle_cache_bytes  # None: keep every cached block
         self.budget_room = budget_room
+        self.pack = pack
         self._share_blocks: int | None = None
         self._budget_noted = 0.0
         self._state = bytearray(num_blocks)
@@ -189,6 +201,44 @@ class VllmPages:
             if len(free) >= n:
                 break
         return (free + cached)[:n]
+
+    def packs(self) -> bool:
+        """Whether blocks on mapped page groups go before a new group is mapped: with
+        ``pack="auto"``, while the GPU has a budget (engines share it)."""
+        if self.pack != "auto":
+            return self.pack == "on"
+        return self.budget_room is not None and self.budget_room() is not None
+
+    def blocks_to_pack(self, n: int) -> list[int]:
+        """Up to ``n`` blocks to hand out instead of mapping a new page group, lowest group
+        first: free blocks on groups that hold others, then cached blocks beyond
+        ``idle_cache_bytes`` of prefix cache (none when that is None), then the blocks of
+        empty mapped groups (the reserve), which stay trimmable as long as possible."""
+        excess = 0
+        if self.idle_cache_bytes is not None:
+            excess = max(0, self._num_cached - self.idle_cache_bytes // self.block_bytes)
+        if self.num_blocks_on_mapped_pages() - self._num_cached <= 0 and excess == 0:
+            return []
+        bpp, page, state, held, cached_on = self.blocks_per_page, self._page, self._state, self._held, self._cached
+        free: list[int] = []
+        cached: list[int] = []
+        empty: list[int] = []
+        for p in range(self.num_pages):
+            if page[p] != _MAPPED or held[p] - cached_on[p] == bpp:
+                continue
+            ids = range(p * bpp, min((p + 1) * bpp, self.num_blocks))
+            if held[p] == 0:
+                if len(empty) < n:
+                    empty.extend(ids)
+                continue
+            for b in ids:
+                if state[b] == FREE:
+                    free.append(b)
+                elif state[b] == CACHED and len(cached) < excess:
+                    cached.append(b)
+            if len(free) >= n:
+                break
+        return (free + cached + empty)[:n]
 
     def wait(self, timeout_s: float) -> None:
         """Release :attr:`lock` for up to ``timeout_s`` (other threads may trim, map or free)."""

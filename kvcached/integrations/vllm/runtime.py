@@ -92,6 +92,7 @@ def make_pages(num_blocks: int, evict_cached: Callable[[list[int]], None]) -> Vl
                 trim_idle_s=trim_idle_s,
                 reserve_pages=reserve_pages,
                 idle_cache_bytes=envs.get("KVCACHED_IDLE_CACHE_MAX"),
+                pack=envs.get("KVCACHED_PACK"),
             )
             kv.pages = pages
             kv.handle = _attach(pages, kv)
@@ -116,6 +117,8 @@ def _standalone_pages(
         evict_cached=evict_cached,
         trim_idle_s=trim_idle_s,
         reserve_pages=reserve_pages,
+        idle_cache_bytes=envs.get("KVCACHED_IDLE_CACHE_MAX"),
+        pack=envs.get("KVCACHED_PACK"),
     )
 
 

@@ -128,6 +128,38 @@ def test_a_full_budget_hands_out_blocks_on_mapped_pages_first():
     kv.check_integrity()
 
 
+def cache(pool, blocks) -> None:
+    """Give ``blocks`` prefix-cache entries, as a finished request's full blocks have."""
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    for block in blocks:
+        key = make_block_hash_with_group_id(block.block_id.to_bytes(32, "big"), 0)
+        block.set_block_hash(key)
+        pool.cached_block_hash_to_block.insert(key, block)
+
+
+def test_on_a_shared_gpu_cached_blocks_go_out_before_a_new_page_is_mapped():
+    for budget in (None, 1 << 40):  # alone on the GPU, then sharing a budget with others
+        pool = new_pool()
+        kv = pool.kv
+        kv.budget_room = lambda b=budget: b
+        kv.idle_cache_bytes = 0  # keep no prefix cache beyond what is in use
+        bpp = kv.blocks_per_page
+        first = pool.get_new_blocks(3 * bpp - 1)  # pages 0-2 full (block 0 is vLLM's null block)
+        finished = [b for b in first if b.block_id % 2]
+        cache(pool, finished)
+        pool.free_blocks(reversed(finished))  # half of each page cached; the pages stay mapped
+        again = pool.get_new_blocks(bpp)
+        ids = {b.block_id for b in again}
+        pages_in_use = {b.block_id // bpp for b in first + again if b.ref_cnt}
+        if budget is None:  # vLLM's order: never-used blocks before cached ones, on a new page
+            assert min(ids) == 3 * bpp and len(pages_in_use) == 4
+        else:  # packed: the cached blocks on mapped pages (evicted), lowest page first
+            assert ids <= {b.block_id for b in finished} and len(pages_in_use) == 3
+            assert all(b.block_hash is None for b in again)
+        kv.check_integrity()
+
+
 def test_a_refused_map_waits_for_memory_and_then_gives_up(monkeypatch):
     import time
 
