@@ -17,8 +17,9 @@ Imported only after ``vllm.v1.core.block_pool`` exists (by the post-import hook)
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from vllm.v1.core.block_pool import BlockPool
@@ -37,6 +38,7 @@ class ElasticBlockPool(BlockPool):
         super().__init__(*args, **kwargs)
         self.kv: VllmPages = runtime.make_pages(self.num_gpu_blocks, evict_cached=self._evict_cached)
         self.kv_lock = self.kv.lock
+        self._head_page: int | None = -1  # page of the free queue's head when last prefetched for
 
     # -- capacity -------------------------------------------------------------------
 
@@ -55,7 +57,11 @@ class ElasticBlockPool(BlockPool):
             blocks = super().get_new_blocks(num_blocks)
             kv = self.kv
             kv.set_states((b.block_id for b in blocks), USED)
-            kv.want_prefetch(b.block_id for b in self._peek(kv.blocks_per_page * max(1, kv.reserve_pages)))
+            head = self.free_block_queue.fake_free_list_head.next_free_block
+            head_page = None if head is None or head.block_id < 0 else head.block_id // kv.blocks_per_page
+            if head_page != self._head_page:  # the pages ahead change only when the head's does
+                self._head_page = head_page
+                kv.want_prefetch(b.block_id for b in self._free_queue())
             return blocks
 
     def _map_upcoming(self, num_blocks: int) -> None:
@@ -140,14 +146,16 @@ class ElasticBlockPool(BlockPool):
 
     def _peek(self, n: int) -> list[Any]:
         """The first ``n`` blocks of vLLM's free queue: the ones it will hand out next."""
+        return list(itertools.islice(self._free_queue(), n))
+
+    def _free_queue(self) -> Iterator[Any]:
+        """vLLM's free queue from its head, lazily."""
         queue = self.free_block_queue
         tail = queue.fake_free_list_tail
-        out: list[Any] = []
         block = queue.fake_free_list_head.next_free_block
-        while block is not None and block is not tail and len(out) < n:
-            out.append(block)
+        while block is not None and block is not tail:
+            yield block
             block = block.next_free_block
-        return out
 
     def _to_front(self, blocks: list[Any]) -> None:
         """Move free ``blocks`` to the head of vLLM's free queue, in the given order."""

@@ -274,15 +274,19 @@ class VllmPages:
 
     def want_prefetch(self, upcoming_block_ids: Iterable[int]) -> None:
         """Ask the thread to map the pages of blocks the scheduler will likely take next
-        (in the order vLLM will hand them out). Those pages are also the reserve that idle
-        trimming keeps, so the next request after a pause finds its page mapped."""
-        bpp, want, ahead = self.blocks_per_page, max(1, self.reserve_pages), list[int]()
-        for b in upcoming_block_ids:
+        (in the order vLLM will hand them out, read lazily): the page of the next block and
+        ``max(1, reserve_pages)`` pages after it, so a page is mapped before the one in use
+        runs out. The first of them are also the reserve that idle trimming keeps, so the
+        next request after a pause finds its page mapped."""
+        bpp, want, ahead = self.blocks_per_page, 1 + max(1, self.reserve_pages), list[int]()
+        for i, b in enumerate(upcoming_block_ids):
             p = b // bpp
             if p not in ahead:
                 ahead.append(p)
                 if len(ahead) >= want:
                     break
+            if i >= want * bpp:  # a queue of scattered blocks: enough looked at
+                break
         self._ahead = ahead
         pages = [p for p in ahead if self._page[p] == _UNMAPPED]
         if pages:

@@ -160,6 +160,23 @@ def test_on_a_shared_gpu_cached_blocks_go_out_before_a_new_page_is_mapped():
         kv.check_integrity()
 
 
+def test_the_page_after_the_one_in_use_is_mapped_ahead_so_the_scheduler_never_waits():
+    import time
+
+    pool = new_pool()
+    kv = pool.kv
+    bpp = kv.blocks_per_page
+    held = pool.get_new_blocks(bpp - 4)  # page 0 nearly full (block 0 is vLLM's null block)
+    deadline = time.monotonic() + 5
+    while kv.mapper.mapped_pages()[:2] != [0, 1] and time.monotonic() < deadline:
+        time.sleep(0.01)  # the prefetch thread maps page 1 before anyone asks for it
+    assert kv.mapper.mapped_pages()[:2] == [0, 1]
+    sync_maps = kv.stats().num_sync_maps
+    held += pool.get_new_blocks(8)  # crosses into page 1
+    assert kv.stats().num_sync_maps == sync_maps  # no driver call on the scheduler's path
+    kv.check_integrity()
+
+
 def test_a_refused_map_waits_for_memory_and_then_gives_up(monkeypatch):
     import time
 

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Driver calls of the vLLM block pool under a steady request stream (host backend, no GPU).
+
+vLLM's real ``BlockPool``, patched into kvcached's ``ElasticBlockPool``, is driven in real
+time the way vLLM's scheduler drives it: Poisson arrivals, a prompt's blocks taken at
+admission, one more block every ``block_size`` decoded tokens at a fixed step time, and on
+finish the full blocks kept in the prefix cache and the rest freed. The page bookkeeping,
+its prefetch/trim thread and the arena are kvcached's own; the arena sits on the host
+backend with the page geometry of a Llama-3.1-8B-shaped engine on a GPU (64 blocks of 16
+tokens per page group), scaled down in bytes.
+
+It counts what costs time on a GPU: page groups mapped and unmapped per second (each is
+64 ranges × ~30 µs of driver calls on an H200, BENCHMARKS.md) and **synchronous maps** —
+those the scheduler waits for inside ``get_new_blocks`` because the prefetch had not
+mapped the page ahead — per request. Run it where vLLM is installed (the CI's vLLM env):
+
+    python scripts/bench_pages.py --rates 2,8 --seconds 20 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcached.units import parse_size
+
+BLOCK_TOKENS = 16
+
+
+@dataclass
+class Request:
+    total_tokens: int
+    tokens: int
+    blocks: list[Any] = field(default_factory=list)
+
+
+GPU_GROUP_BYTES = 128 << 20  # one page group of the 8B on a GPU: 64 ranges x 2 MiB
+HOST_PAGE = 64 << 10
+
+
+def make_pool(num_blocks: int, blocks_per_page: int, vanilla: bool) -> Any:
+    """vLLM's BlockPool (``vanilla``) or kvcached's ``ElasticBlockPool`` over a host arena
+    of page groups holding ``blocks_per_page`` blocks (two ranges of 64 KiB pages)."""
+    from vllm.v1.core import block_pool
+
+    from kvcached import _vmm
+    from kvcached.integrations import vllm as kv_vllm
+    from kvcached.integrations.vllm import runtime
+    from kvcached.integrations.vllm.block_pool import ElasticBlockPool
+
+    if vanilla:
+        return ElasticBlockPool.__mro__[1](num_gpu_blocks=num_blocks, enable_caching=True, hash_block_size=BLOCK_TOKENS)
+    kv_vllm.patch_block_pool_module(block_pool)
+    num_pages = -(-num_blocks // blocks_per_page)
+    # The cap only bounds what may be created; it sits above the control plane's 1 GiB headroom.
+    backend = _vmm.HostBackend((2 << 30) + 2 * (num_pages + 1) * HOST_PAGE, HOST_PAGE)
+    arena = _vmm.Arena(backend, 2, num_pages * HOST_PAGE, HOST_PAGE)
+    runtime.register_worker_kv(
+        runtime.WorkerKV(arena, backend, num_blocks, blocks_per_page, 2 * HOST_PAGE // blocks_per_page, "bench")
+    )
+    return ElasticBlockPool(num_gpu_blocks=num_blocks, enable_caching=True, hash_block_size=BLOCK_TOKENS)
+
+
+def cache(pool: Any, blocks: list[Any], serial: itertools.count[int]) -> None:
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    for block in blocks:
+        key = make_block_hash_with_group_id(next(serial).to_bytes(32, "big"), 0)
+        block.set_block_hash(key)
+        pool.cached_block_hash_to_block.insert(key, block)
+
+
+def run(pool: Any, rate: float, seconds: float, prompt: int, output: int, step_s: float, seed: int) -> dict[str, Any]:
+    kv = getattr(pool, "kv", None)
+    rng = random.Random(seed)
+    serial = itertools.count(seed << 40)
+    counts = (lambda: (kv._num_mapped_total, kv._num_unmapped_total, kv._num_sync_maps)) if kv else (lambda: (0, 0, 0))
+    before = counts()
+    running: list[Request] = []
+    take_us: list[float] = []
+    mapped, used = [], []
+    t0 = time.monotonic()
+    next_arrival = t0 + rng.expovariate(rate)
+    next_step = t0
+    admitted = finished = 0
+
+    def take(n: int) -> list[Any]:
+        t = time.perf_counter()
+        blocks = pool.get_new_blocks(n)
+        take_us.append((time.perf_counter() - t) * 1e6)
+        return blocks
+
+    while True:
+        now = time.monotonic()
+        arriving = now - t0 < seconds
+        if not arriving and not running:
+            break
+        while arriving and next_arrival <= now:
+            req = Request(prompt + output, prompt)
+            req.blocks = take(-(-(prompt + 1) // BLOCK_TOKENS))
+            running.append(req)
+            admitted += 1
+            next_arrival += rng.expovariate(rate)
+        if now >= next_step:
+            next_step += step_s
+            still = []
+            for req in running:
+                req.tokens += 1
+                if req.tokens >= req.total_tokens:
+                    full = req.tokens // BLOCK_TOKENS
+                    cache(pool, req.blocks[:full], serial)
+                    pool.free_blocks(reversed(req.blocks))
+                    finished += 1
+                    continue
+                if req.tokens % BLOCK_TOKENS == 0:
+                    req.blocks += take(1)
+                still.append(req)
+            running = still
+            if kv is not None:
+                stats = kv.stats()
+                mapped.append(stats.mapped_bytes / kv.group_bytes)
+                used.append(stats.used_bytes / kv.group_bytes)
+        time.sleep(max(0.0, min(next_step, next_arrival) - time.monotonic()))
+    elapsed = time.monotonic() - t0
+    maps, unmaps, sync = (b - a for a, b in zip(before, counts(), strict=True))
+    return {
+        "pool": "kvcached" if kv is not None else "vanilla",
+        "rate": rate,
+        "seconds": round(elapsed, 1),
+        "requests": finished,
+        "get_new_blocks_us_p50": round(statistics.median(take_us), 1),
+        "get_new_blocks_us_p99": round(sorted(take_us)[int(0.99 * (len(take_us) - 1))], 1),
+        "maps_per_s": round(maps / elapsed, 2),
+        "unmaps_per_s": round(unmaps / elapsed, 2),
+        "sync_maps_per_request": round(sync / max(1, finished), 3),
+        "mapped_groups_mean": round(statistics.mean(mapped), 2) if mapped else None,
+        "used_groups_mean": round(statistics.mean(used), 2) if used else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="2,8", help="request rates (req/s), comma separated")
+    ap.add_argument("--seconds", type=float, default=20.0, help="arrivals per rate (then the running ones finish)")
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--output", type=int, default=256)
+    ap.add_argument("--step-ms", type=float, default=6.0, help="decode step (TPOT of the 8B on an H200: ~6 ms)")
+    ap.add_argument("--blocks-per-page", type=int, default=64, help="8B on a GPU: 2 MiB pages / 32 KiB per block")
+    ap.add_argument("--num-blocks", type=int, default=64 * 256)
+    ap.add_argument("--idle-cache-max", default="256MiB", help="KVCACHED_IDLE_CACHE_MAX as on the GPU (scaled here)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    os.environ.setdefault("KVCACHED_REQUIRE_CONTROL", "0")
+    # Byte sizes scale with the page group: 256 MiB of cold cache on the GPU is 2 groups.
+    scale = GPU_GROUP_BYTES // (2 * HOST_PAGE)
+    os.environ.setdefault("KVCACHED_IDLE_CACHE_MAX", str(parse_size(args.idle_cache_max) // scale))
+    env = {k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}
+    results = []
+    for vanilla in (True, False):
+        pool = make_pool(args.num_blocks, args.blocks_per_page, vanilla)
+        for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+            res = run(pool, rate, args.seconds, args.prompt, args.output, args.step_ms / 1000, seed=i + 1)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+            time.sleep(2)  # let the idle trim settle between loads
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "env": env, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
