@@ -9,7 +9,8 @@ its prefetch/trim thread and the arena are kvcached's own; the arena sits on the
 backend with the page geometry of a Llama-3.1-8B-shaped engine on a GPU (64 blocks of 16
 tokens per page group), scaled down in bytes.
 
-It counts what costs time on a GPU: page groups mapped and unmapped per second (each is
+First the Python cost of each call in a tight loop (vanilla ``BlockPool`` vs kvcached's).
+Then it counts what costs time on a GPU: page groups mapped and unmapped per second (each is
 64 ranges × ~30 µs of driver calls on an H200, BENCHMARKS.md) and **synchronous maps** —
 those the scheduler waits for inside ``get_new_blocks`` because the prefetch had not
 mapped the page ahead — per request. Run it where vLLM is installed (the CI's vLLM env):
@@ -146,6 +147,29 @@ def run(pool: Any, rate: float, seconds: float, prompt: int, output: int, step_s
     }
 
 
+def call_cost(pool: Any, calls: int) -> dict[str, Any]:
+    """Microseconds per ``get_new_blocks(1)`` and ``free_blocks`` in a tight steady loop
+    (200 live blocks, two in three freed ones cached): the Python each call adds."""
+    serial = itertools.count(1 << 60)
+    held = [pool.get_new_blocks(1) for _ in range(200)]
+    take = give = 0.0
+    for i in range(calls):
+        t = time.perf_counter()
+        held.append(pool.get_new_blocks(1))
+        t1 = time.perf_counter()
+        blocks = held.pop(0)
+        if i % 3:
+            cache(pool, blocks, serial)
+        t2 = time.perf_counter()
+        pool.free_blocks(blocks)
+        t3 = time.perf_counter()
+        take, give = take + t1 - t, give + t3 - t2
+    for blocks in held:
+        pool.free_blocks(blocks)
+    name = "kvcached" if hasattr(pool, "kv") else "vanilla"
+    return {"pool": name, "calls": calls, "get_new_blocks_us": round(take / calls * 1e6, 2), "free_blocks_us": round(give / calls * 1e6, 2)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="2,8", help="request rates (req/s), comma separated")
@@ -155,6 +179,7 @@ def main() -> int:
     ap.add_argument("--step-ms", type=float, default=6.0, help="decode step (TPOT of the 8B on an H200: ~6 ms)")
     ap.add_argument("--blocks-per-page", type=int, default=64, help="8B on a GPU: 2 MiB pages / 32 KiB per block")
     ap.add_argument("--num-blocks", type=int, default=64 * 256)
+    ap.add_argument("--calls", type=int, default=20000, help="calls of the tight-loop cost measurement")
     ap.add_argument("--idle-cache-max", default="256MiB", help="KVCACHED_IDLE_CACHE_MAX as on the GPU (scaled here)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -166,6 +191,10 @@ def main() -> int:
     results = []
     for vanilla in (True, False):
         pool = make_pool(args.num_blocks, args.blocks_per_page, vanilla)
+        res = call_cost(pool, args.calls)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        time.sleep(2)  # the loop's pages go back before the timed loads
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
             res = run(pool, rate, args.seconds, args.prompt, args.output, args.step_ms / 1000, seed=i + 1)
             results.append(res)

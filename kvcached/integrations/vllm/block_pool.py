@@ -59,7 +59,8 @@ class ElasticBlockPool(BlockPool):
             kv.set_states((b.block_id for b in blocks), USED)
             head = self.free_block_queue.fake_free_list_head.next_free_block
             head_page = None if head is None or head.block_id < 0 else head.block_id // kv.blocks_per_page
-            if head_page != self._head_page:  # the pages ahead change only when the head's does
+            # The pages ahead change when the head's page does, or when idle trimming took one.
+            if head_page != self._head_page or not kv.ahead_mapped():
                 self._head_page = head_page
                 kv.want_prefetch(b.block_id for b in self._free_queue())
             return blocks

@@ -295,6 +295,11 @@ class VllmPages:
 
     # -- the limit and reporting (the control plane's view of a pool) ---------------
 
+    def ahead_mapped(self) -> bool:
+        """Whether every page :meth:`want_prefetch` last asked for is mapped (or mapping)."""
+        page = self._page
+        return all(page[p] in (_MAPPED, _MAPPING) for p in self._ahead)
+
     def set_limit_bytes(self, limit_bytes: int | None) -> bool:
         """Set the physical limit (None: none) and apply it now. Returns whether it is met.
 
