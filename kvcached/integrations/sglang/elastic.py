@@ -245,6 +245,11 @@ class ElasticKV:
 
         self._handle = attach_engine(self.pool, name, name, "sglang")
 
+    def shares_budget(self) -> bool:
+        """Whether this engine's GPU has a kvcached budget (engines share it)."""
+        handle = self._handle
+        return handle is not None and handle.budget_room_bytes() is not None
+
     def close(self) -> None:
         """Leave the control plane and release the memory and address range. Idempotent."""
         if self.closed:

@@ -178,9 +178,9 @@ def patch_release_resume(weight_updater: ModuleType) -> None:
 
 def patch_radix_cache(radix_cache: ModuleType) -> None:
     """Keep the radix cache's evictable (unreferenced) prefix under
-    ``KVCACHED_PREFIX_CACHE_MAX`` bytes (0: no bound but memory), evicting page-aware
-    after each insert (:func:`enforce_prefix_bound`). SGLang's own evictions (to make
-    room) keep its order."""
+    :func:`prefix_bound_bytes` (0: no bound but memory), evicting page-aware after each
+    insert (:func:`enforce_prefix_bound`). SGLang's own evictions (to make room) keep
+    its order."""
     cls = radix_cache.RadixCache
     if not mark_once(cls):
         return
@@ -189,12 +189,25 @@ def patch_radix_cache(radix_cache: ModuleType) -> None:
     @functools.wraps(original)
     def insert(self: Any, params: Any) -> Any:
         result = original(self, params)
-        bound_bytes = int(envs.get("KVCACHED_PREFIX_CACHE_MAX"))
+        bound_bytes = prefix_bound_bytes(self)
         if bound_bytes:
             enforce_prefix_bound(self, bound_bytes)
         return result
 
     cls.insert = insert
+
+
+def prefix_bound_bytes(tree: Any) -> int:
+    """The radix cache's bound: ``KVCACHED_PREFIX_CACHE_MAX``; unset (0) while the engine
+    shares a GPU budget with others, ``KVCACHED_IDLE_CACHE_MAX`` — SGLang evicts only when
+    an allocation fails, so an unbounded cache would hold memory a peer is refused."""
+    bound_bytes = int(envs.get("KVCACHED_PREFIX_CACHE_MAX"))
+    if bound_bytes:
+        return bound_bytes
+    store = getattr(tree.token_to_kv_pool_allocator.get_kvcache(), "kvcached_store", None)
+    if store is not None and store.shares_budget():
+        return int(envs.get("KVCACHED_IDLE_CACHE_MAX"))
+    return 0
 
 
 class PageAwarePriority:

@@ -498,6 +498,31 @@ def test_radix_cache_is_bounded_in_bytes(monkeypatch):
         kv._clear_buffers()
 
 
+def test_on_a_shared_budget_the_radix_cache_keeps_the_idle_cache_bound(monkeypatch):
+    from kvcached.control import Controller
+
+    shm = f"kvcached-test-sglang-budget-{os.getpid()}"
+    monkeypatch.setenv("KVCACHED_SHM_NAME", shm)
+    monkeypatch.setenv("KVCACHED_ENGINE_NAME", "shared-llama")
+    monkeypatch.delenv("KVCACHED_PREFIX_CACHE_MAX", raising=False)  # no bound of its own
+    kv = new_kv(size=4 * 8192)
+    try:
+        alloc, pool = new_allocator(kv), kv.kvcached_store.pool
+        monkeypatch.setenv("KVCACHED_IDLE_CACHE_MAX", str(2000 * pool.block_bytes))
+        tree = new_tree(alloc)
+        for i in range(4):
+            insert(tree, alloc, [10_000 * i + j for j in range(1000)])
+        assert tree.evictable_size() == 4000  # alone on the GPU: the cache may use memory
+        with Controller.open(shm) as ctl:
+            ctl.set_budget(0, 1 << 40)  # now engines share a budget
+        insert(tree, alloc, [50_000 + j for j in range(1000)])
+        assert tree.evictable_size() <= 2000
+        assert alloc.num_pages_in_use == tree.evictable_size()  # the evicted slots went back
+    finally:
+        kv._clear_buffers()
+        Controller.unlink(shm)
+
+
 def test_registers_in_the_control_plane(monkeypatch):
     from kvcached.control import Controller
 
