@@ -16,6 +16,7 @@ those the scheduler waits for inside ``get_new_blocks`` because the prefetch had
 mapped the page ahead — per request. Run it where vLLM is installed (the CI's vLLM env):
 
     python scripts/bench_pages.py --rates 2,8 --seconds 20 [--json out.json]
+    KVCACHED_PACK=on python scripts/bench_pages.py --rates 30 --lengths sharegpt   # as on a shared GPU
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvcached.units import parse_size
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serving"))
+from workload import LENGTH_KINDS, lengths
 
 BLOCK_TOKENS = 16
 
@@ -79,7 +83,7 @@ def cache(pool: Any, blocks: list[Any], serial: itertools.count[int]) -> None:
         pool.cached_block_hash_to_block.insert(key, block)
 
 
-def run(pool: Any, rate: float, seconds: float, prompt: int, output: int, step_s: float, seed: int) -> dict[str, Any]:
+def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: int) -> dict[str, Any]:
     kv = getattr(pool, "kv", None)
     rng = random.Random(seed)
     serial = itertools.count(seed << 40)
@@ -87,7 +91,8 @@ def run(pool: Any, rate: float, seconds: float, prompt: int, output: int, step_s
     before = counts()
     running: list[Request] = []
     take_us: list[float] = []
-    mapped, used = [], []
+    mapped, used, cached = [], [], []
+    sizes = iter(lengths(kind, int(rate * seconds * 2) + 100, seed))
     t0 = time.monotonic()
     next_arrival = t0 + rng.expovariate(rate)
     next_step = t0
@@ -105,6 +110,7 @@ def run(pool: Any, rate: float, seconds: float, prompt: int, output: int, step_s
         if not arriving and not running:
             break
         while arriving and next_arrival <= now:
+            prompt, output = next(sizes)
             req = Request(prompt + output, prompt)
             req.blocks = take(-(-(prompt + 1) // BLOCK_TOKENS))
             running.append(req)
@@ -129,12 +135,15 @@ def run(pool: Any, rate: float, seconds: float, prompt: int, output: int, step_s
                 stats = kv.stats()
                 mapped.append(stats.mapped_bytes / kv.group_bytes)
                 used.append(stats.used_bytes / kv.group_bytes)
+                cached.append(stats.cached_bytes / kv.group_bytes)
         time.sleep(max(0.0, min(next_step, next_arrival) - time.monotonic()))
     elapsed = time.monotonic() - t0
     maps, unmaps, sync = (b - a for a, b in zip(before, counts(), strict=True))
     return {
         "pool": "kvcached" if kv is not None else "vanilla",
         "rate": rate,
+        "lengths": kind,
+        "pack": pool.kv.packs() if kv is not None else None,
         "seconds": round(elapsed, 1),
         "requests": finished,
         "get_new_blocks_us_p50": round(statistics.median(take_us), 1),
@@ -144,6 +153,8 @@ def run(pool: Any, rate: float, seconds: float, prompt: int, output: int, step_s
         "sync_maps_per_request": round(sync / max(1, finished), 3),
         "mapped_groups_mean": round(statistics.mean(mapped), 2) if mapped else None,
         "used_groups_mean": round(statistics.mean(used), 2) if used else None,
+        "cached_groups_mean": round(statistics.mean(cached), 2) if cached else None,
+        "mapped_groups_max": round(max(mapped), 2) if mapped else None,
     }
 
 
@@ -174,8 +185,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="2,8", help="request rates (req/s), comma separated")
     ap.add_argument("--seconds", type=float, default=20.0, help="arrivals per rate (then the running ones finish)")
-    ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--output", type=int, default=256)
+    ap.add_argument("--lengths", choices=LENGTH_KINDS, default="fixed", help="fixed 256 + 256, or ShareGPT-like")
     ap.add_argument("--step-ms", type=float, default=6.0, help="decode step (TPOT of the 8B on an H200: ~6 ms)")
     ap.add_argument("--blocks-per-page", type=int, default=64, help="8B on a GPU: 2 MiB pages / 32 KiB per block")
     ap.add_argument("--num-blocks", type=int, default=64 * 256)
@@ -196,7 +206,7 @@ def main() -> int:
         print(json.dumps(res), flush=True)
         time.sleep(2)  # the loop's pages go back before the timed loads
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
-            res = run(pool, rate, args.seconds, args.prompt, args.output, args.step_ms / 1000, seed=i + 1)
+            res = run(pool, rate, args.seconds, args.lengths, args.step_ms / 1000, seed=i + 1)
             results.append(res)
             print(json.dumps(res), flush=True)
             time.sleep(2)  # let the idle trim settle between loads

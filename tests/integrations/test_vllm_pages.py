@@ -268,6 +268,8 @@ def test_packing_follows_the_budget_and_hands_out_surplus_cache_first(make):
     pages.set_states([33, 34], FREE)
     assert pages.blocks_to_pack(100) == [33, 34, 20, 21, 22, 23, *range(48, 64)]
     assert pages.blocks_to_pack(4) == [33, 34, 20, 21]
+    assert pages.blocks_to_pack(100, include_empty=False) == [33, 34, 20, 21, 22, 23]
+    assert pages.opens_page([48]) and pages.opens_page([64]) and not pages.opens_page([33])
     pages.set_states(range(20, 26), USED)
     pages.set_states([33, 34], USED)
     pages.set_states(range(48, 64), USED)

@@ -77,10 +77,12 @@ class ElasticBlockPool(BlockPool):
         """
         kv, deadline = self.kv, None
         while True:
-            pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))
-            if pages and kv.packs():
+            upcoming = [b.block_id for b in self._peek(num_blocks)]
+            pages = kv.pages_of(upcoming)
+            if kv.opens_page(upcoming) and kv.packs():
                 # A page group's worth at a time: the next allocations find theirs at the head.
-                packed = kv.blocks_to_pack(max(num_blocks, kv.blocks_per_page))
+                # The empty reserve counts as reusable only where the head would need a map.
+                packed = kv.blocks_to_pack(max(num_blocks, kv.blocks_per_page), include_empty=bool(pages))
                 if packed:
                     self._to_front([self.blocks[i] for i in packed])
                     pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))

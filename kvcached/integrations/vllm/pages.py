@@ -22,7 +22,8 @@ choice alone and keeps physical memory under exactly the blocks that need it:
   only cached blocks, untouched for ``trim_idle_s``); beyond that they are evicted and
   unmapped, busy or idle, so memory returns after a peak while the engine still serves.
 * on a shared GPU (a budget is set, or ``pack="on"``) vLLM's order yields to *packing*:
-  before a new page group is mapped, free blocks on mapped groups (lowest group first)
+  before a new page group is started (mapped, or taken from the empty reserve the
+  prefetch mapped ahead), free blocks on groups in use (lowest group first)
   go to the head of vLLM's queue, and so do cached ones while the prefix cache holds more
   than ``idle_cache_bytes``. vLLM's own order hands out never-used blocks before freed
   ones, so an engine would otherwise map its whole limit while most of it holds a stale
@@ -209,11 +210,18 @@ class VllmPages:
             return self.pack == "on"
         return self.budget_room is not None and self.budget_room() is not None
 
-    def blocks_to_pack(self, n: int) -> list[int]:
-        """Up to ``n`` blocks to hand out instead of mapping a new page group, lowest group
+    def opens_page(self, block_ids: Iterable[int]) -> bool:
+        """Whether handing out ``block_ids`` starts a page group: one not mapped, or mapped
+        but holding no block (the reserve the prefetch mapped ahead)."""
+        bpp, page, held = self.blocks_per_page, self._page, self._held
+        return any(page[b // bpp] != _MAPPED or held[b // bpp] == 0 for b in block_ids)
+
+    def blocks_to_pack(self, n: int, include_empty: bool = True) -> list[int]:
+        """Up to ``n`` blocks to hand out instead of starting a new page group, lowest group
         first: free blocks on groups that hold others, then cached blocks beyond
-        ``idle_cache_bytes`` of prefix cache (none when that is None), then the blocks of
-        empty mapped groups (the reserve), which stay trimmable as long as possible."""
+        ``idle_cache_bytes`` of prefix cache (none when that is None), then (with
+        ``include_empty``) the blocks of empty mapped groups, which stay trimmable as long
+        as possible."""
         excess = 0
         if self.idle_cache_bytes is not None:
             excess = max(0, self._num_cached - self.idle_cache_bytes // self.block_bytes)
@@ -228,7 +236,7 @@ class VllmPages:
                 continue
             ids = range(p * bpp, min((p + 1) * bpp, self.num_blocks))
             if held[p] == 0:
-                if len(empty) < n:
+                if include_empty and len(empty) < n:
                     empty.extend(ids)
                 continue
             for b in ids:

@@ -139,6 +139,8 @@ def cache(pool, blocks) -> None:
 
 
 def test_on_a_shared_gpu_cached_blocks_go_out_before_a_new_page_is_mapped():
+    import time
+
     for budget in (None, 1 << 40):  # alone on the GPU, then sharing a budget with others
         pool = new_pool()
         kv = pool.kv
@@ -149,6 +151,10 @@ def test_on_a_shared_gpu_cached_blocks_go_out_before_a_new_page_is_mapped():
         finished = [b for b in first if b.block_id % 2]
         cache(pool, finished)
         pool.free_blocks(reversed(finished))  # half of each page cached; the pages stay mapped
+        deadline = time.monotonic() + 5
+        while 3 not in kv.mapper.mapped_pages() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the prefetch maps page 3 ahead: an empty reserve, not a reason to use it
+        assert 3 in kv.mapper.mapped_pages()
         again = pool.get_new_blocks(bpp)
         ids = {b.block_id for b in again}
         pages_in_use = {b.block_id // bpp for b in first + again if b.ref_cnt}
