@@ -87,7 +87,13 @@ def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: 
     kv = getattr(pool, "kv", None)
     rng = random.Random(seed)
     serial = itertools.count(seed << 40)
-    counts = (lambda: (kv._num_mapped_total, kv._num_unmapped_total, kv._num_sync_maps)) if kv else (lambda: (0, 0, 0))
+
+    def counts() -> tuple[int, int, int]:
+        if kv is None:
+            return 0, 0, 0
+        stats = kv.stats()
+        return stats.num_pages_mapped_total, stats.num_pages_unmapped_total, stats.num_sync_maps
+
     before = counts()
     running: list[Request] = []
     take_us: list[float] = []

@@ -188,20 +188,36 @@ class VllmPages:
     def free_blocks_on_mapped_pages(self, n: int) -> list[int]:
         """Up to ``n`` block ids that need no mapping: free blocks on mapped page groups
         first, then cached ones (handing those out evicts their prefix-cache entry)."""
-        bpp, page, state = self.blocks_per_page, self._page, self._state
+        free, cached, empty = self._blocks_on_mapped_pages(n, self.num_blocks, empty_is_free=True)
+        return (sorted(free + empty) + cached)[:n]  # ids ascend with the page: lowest group first
+
+    def _blocks_on_mapped_pages(
+        self, n: int, max_cached: int, empty_is_free: bool
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Blocks of mapped page groups not full of used blocks, lowest group first: free
+        ones on groups that hold others, at most ``max_cached`` cached ones, and the blocks
+        of groups holding none (whole groups, until there are ``n``). The scan stops once
+        there are ``n`` free blocks (counting those of empty groups if ``empty_is_free``)."""
+        bpp, page, state, held, cached_on = self.blocks_per_page, self._page, self._state, self._held, self._cached
         free: list[int] = []
         cached: list[int] = []
+        empty: list[int] = []
         for p in range(self.num_pages):
-            if page[p] != _MAPPED or self._held[p] - self._cached[p] == bpp:
+            if page[p] != _MAPPED or held[p] - cached_on[p] == bpp:
                 continue
-            for b in range(p * bpp, min((p + 1) * bpp, self.num_blocks)):
-                if state[b] == FREE:
-                    free.append(b)
-                elif state[b] == CACHED:
-                    cached.append(b)
-            if len(free) >= n:
+            ids = range(p * bpp, min((p + 1) * bpp, self.num_blocks))
+            if held[p] == 0:
+                if len(empty) < n:
+                    empty.extend(ids)
+            else:
+                for b in ids:
+                    if state[b] == FREE:
+                        free.append(b)
+                    elif state[b] == CACHED and len(cached) < max_cached:
+                        cached.append(b)
+            if len(free) + (len(empty) if empty_is_free else 0) >= n:
                 break
-        return (free + cached)[:n]
+        return free, cached, empty
 
     def packs(self) -> bool:
         """Whether blocks on mapped page groups go before a new group is mapped: with
@@ -227,26 +243,8 @@ class VllmPages:
             excess = max(0, self._num_cached - self.idle_cache_bytes // self.block_bytes)
         if self.num_blocks_on_mapped_pages() - self._num_cached <= 0 and excess == 0:
             return []
-        bpp, page, state, held, cached_on = self.blocks_per_page, self._page, self._state, self._held, self._cached
-        free: list[int] = []
-        cached: list[int] = []
-        empty: list[int] = []
-        for p in range(self.num_pages):
-            if page[p] != _MAPPED or held[p] - cached_on[p] == bpp:
-                continue
-            ids = range(p * bpp, min((p + 1) * bpp, self.num_blocks))
-            if held[p] == 0:
-                if include_empty and len(empty) < n:
-                    empty.extend(ids)
-                continue
-            for b in ids:
-                if state[b] == FREE:
-                    free.append(b)
-                elif state[b] == CACHED and len(cached) < excess:
-                    cached.append(b)
-            if len(free) >= n:
-                break
-        return (free + cached + empty)[:n]
+        free, cached, empty = self._blocks_on_mapped_pages(n, excess, empty_is_free=False)
+        return (free + cached + (empty if include_empty else []))[:n]
 
     def wait(self, timeout_s: float) -> None:
         """Release :attr:`lock` for up to ``timeout_s`` (other threads may trim, map or free)."""
@@ -301,12 +299,12 @@ class VllmPages:
             self._prefetch = pages
             self._wake.set()
 
-    # -- the limit and reporting (the control plane's view of a pool) ---------------
-
     def ahead_mapped(self) -> bool:
         """Whether every page :meth:`want_prefetch` last asked for is mapped (or mapping)."""
         page = self._page
         return all(page[p] in (_MAPPED, _MAPPING) for p in self._ahead)
+
+    # -- the limit and reporting (the control plane's view of a pool) ---------------
 
     def set_limit_bytes(self, limit_bytes: int | None) -> bool:
         """Set the physical limit (None: none) and apply it now. Returns whether it is met.
