@@ -7,8 +7,8 @@
 # 1. A Python 3.12 venv shaped like the GPU image: torch 2.11.0 (+cu130 wheels
 #    from PyPI), transformers 5.17.0, tokenizers 0.23.2 and the image's other
 #    packages that vLLM touches — none of the carried ones.
-# 2. stage_vllm.sh run twice from two scratch roots that hold only
-#    .stage/part1, then only .stage/part2 (as the chained calls will).
+# 2. stage_vllm.sh run once per piece from scratch roots that each hold only
+#    one .stage/partK each (as the chained calls will).
 # 3. A stub libcuda.so.1 (the cu* symbols vllm's .so files link, all failing)
 #    and a fake-H100 platform plugin (scripts/gpu/cpu_sim/) let the CUDA code
 #    paths import; then `vllm serve` of the tiny model runs the real start-up

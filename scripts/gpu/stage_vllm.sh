@@ -3,7 +3,8 @@
 # carry one piece of .stage/ (made by scripts/gpu/prepare_stage.sh here):
 #
 #   call 1  carry [".stage/part1"]   bash scripts/gpu/stage_vllm.sh
-#   call 2  carry [".stage/part2"]   bash scripts/gpu/stage_vllm.sh --require && ...
+#   call 2  carry [".stage/part2"]   bash scripts/gpu/stage_vllm.sh
+#   call 3  carry [".stage/part3"]   bash scripts/gpu/stage_vllm.sh --require && ...
 #
 # Each call appends the pieces it finds under .stage/part*/ to $KVSTAGE
 # (/tmp/kvstage: kept while the machine stays warm), checking every piece

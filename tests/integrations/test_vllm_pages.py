@@ -279,3 +279,45 @@ def test_packing_follows_the_budget_and_hands_out_surplus_cache_first(make):
         assert forced.packs() is expected
     with pytest.raises(ValueError, match="pack must be"):
         make(pack="sometimes")
+
+
+def test_usable_blocks_counts_mapped_room_under_the_limit_and_the_budget(make):
+    room = {"bytes": None}
+    pages, arena = make(budget_room=lambda: room["bytes"])
+    everything = pages.num_blocks - 1  # all but the null block
+    assert pages.usable_blocks() == everything
+    pages.ensure_mapped([1, 2])
+    pages.set_states(range(16, 40), USED)
+    assert arena.mapped_pages() == [0, 1, 2]
+    assert pages.usable_blocks() == everything - 24
+    pages.set_limit_bytes(4 * 2 * PAGE)  # four groups: three mapped, one more may be
+    assert pages.usable_blocks() == 4 * BPP - 1 - 24
+    room["bytes"] = 0  # the GPU budget is full: only what is mapped
+    assert pages.usable_blocks() == 3 * BPP - 1 - 24 == pages.num_blocks_on_mapped_pages()
+    assert pages.num_mappable_blocks() == 0
+    pages.set_limit_bytes(2 * PAGE)  # below what is mapped: nothing new, nothing negative
+    assert pages.usable_blocks() == pages.num_blocks_on_mapped_pages()
+
+
+def test_the_prefetch_looks_further_ahead_while_the_scheduler_maps_pages_itself(make):
+    pages, arena = make(reserve_pages=1)
+    pages.want_prefetch(range(16, 16 * BPP))
+    assert pages.ahead_mapped()  # asked and pending: the scheduler need not ask again
+    pages.maintain()
+    assert arena.mapped_pages() == [0, 1, 2]  # the base depth: the next page and one more
+    assert pages.ensure_mapped([3])  # the burst outran the thread: a map on the scheduler's side
+    assert not pages.ahead_mapped()  # the depth doubled: the scheduler asks again
+    pages.want_prefetch(range(4 * BPP, 16 * BPP))
+    pages.maintain()
+    assert arena.mapped_pages() == [0, 1, 2, 3, 4, 5, 6, 7]  # four pages ahead of page 3
+    assert pages.ensure_mapped([8]) and pages.ensure_mapped([9])
+    assert pages._ahead_want == pages._ahead_max == 16  # capped (16 groups, well under 1 GiB here)
+    # Without a map on the scheduler's side the depth halves back, one step per decay period.
+    later = pages._ahead_raised + 0.6
+    pages.maintain(now=later)
+    assert pages._ahead_want == 8
+    pages.maintain(now=later + 0.6)
+    pages.maintain(now=later + 1.2)
+    pages.maintain(now=later + 1.8)
+    assert pages._ahead_want == 2
+    pages.check_integrity()

@@ -90,12 +90,15 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
     manager_cls = module.KVCacheManager
     original = manager_cls.allocate_slots
 
+    running = RequestStatus.RUNNING
+
+    # Called once per scheduled request per step: kept to a few attribute reads.
     @functools.wraps(original)
     def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         kv = getattr(getattr(self, "block_pool", None), "kv", None)
         if kv is None:
             return original(self, request, *args, **kwargs)
-        if not kv.admits_new() and getattr(request, "status", None) != RequestStatus.RUNNING:
+        if kv.share_blocks is not None and getattr(request, "status", None) != running and not kv.admits_new():
             return None
         blocks = original(self, request, *args, **kwargs)
         if blocks is None:

@@ -43,9 +43,9 @@ class ElasticBlockPool(BlockPool):
     # -- capacity -------------------------------------------------------------------
 
     def get_num_free_blocks(self) -> int:
-        with self.kv_lock:
-            kv = self.kv
-            return min(super().get_num_free_blocks(), kv.num_blocks_on_mapped_pages() + kv.num_mappable_blocks())
+        free = super().get_num_free_blocks()
+        usable = self.kv.usable_blocks()
+        return free if free < usable else usable
 
     # -- blocks changing hands ------------------------------------------------------------
 
@@ -78,8 +78,10 @@ class ElasticBlockPool(BlockPool):
         kv, deadline = self.kv, None
         while True:
             upcoming = [b.block_id for b in self._peek(num_blocks)]
+            if not kv.opens_page(upcoming):
+                return  # the common case: all on page groups already in use
             pages = kv.pages_of(upcoming)
-            if kv.opens_page(upcoming) and kv.packs():
+            if kv.packs():
                 # A page group's worth at a time: the next allocations find theirs at the head.
                 # The empty reserve counts as reusable only where the head would need a map.
                 packed = kv.blocks_to_pack(max(num_blocks, kv.blocks_per_page), include_empty=bool(pages))

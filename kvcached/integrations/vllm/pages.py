@@ -31,7 +31,10 @@ choice alone and keeps physical memory under exactly the blocks that need it:
   maps follows what it uses and groups empty as requests finish.
 
 Pages the scheduler is about to need (the head of vLLM's free queue) are mapped ahead
-by a background thread, so allocation rarely waits for the driver.
+by a background thread, so allocation rarely waits for the driver. How far ahead adapts:
+each time the scheduler had to map a page itself (a burst of new requests outran the
+thread) the depth doubles, up to ``_AHEAD_MAX_BYTES``; each ``_AHEAD_DECAY_S`` without one
+it halves back towards the base, and the idle trim returns what a burst left ahead.
 
 Thread safety: one ``RLock`` (:attr:`lock`) guards the bookkeeping and is also the lock
 the block pool and the scheduler step hold, so eviction never interleaves with a
@@ -52,6 +55,9 @@ __all__ = ["CACHED", "FREE", "USED", "VllmPages"]
 
 FREE, USED, CACHED = 0, 1, 2
 _UNMAPPED, _MAPPING, _MAPPED, _UNMAPPING = 0, 1, 2, 3
+# How far the prefetch may run ahead during a burst (a group of the 8B on a GPU is 128 MiB),
+# and how soon the depth halves again once the scheduler stops having to map pages itself.
+_AHEAD_MAX_PAGES, _AHEAD_MAX_BYTES, _AHEAD_DECAY_S = 16, 1 << 30, 0.5
 
 
 class VllmPages:
@@ -102,13 +108,19 @@ class VllmPages:
         self.block_bytes = block_bytes
         self.group_bytes = block_bytes * blocks_per_page
         self.num_pages = -(-num_blocks // blocks_per_page)
+        self._tail_blocks = self.num_pages * blocks_per_page - num_blocks
         self.evict_cached = evict_cached
         self.trim_idle_s = trim_idle_s
         self.reserve_pages = reserve_pages
+        self._ahead_base = 1 + max(1, reserve_pages)  # the next block's page and those after it
+        self._ahead_max = max(self._ahead_base, min(_AHEAD_MAX_PAGES, _AHEAD_MAX_BYTES // max(1, self.group_bytes)))
+        self._ahead_want = self._ahead_base
+        self._ahead_raised = 0.0
+        self._ahead_stale = False
         self.idle_cache_bytes = idle_cache_bytes  # None: keep every cached block
         self.budget_room = budget_room
         self.pack = pack
-        self._share_blocks: int | None = None
+        self.share_blocks: int | None = None  # the fair share while a peer is short (set_share_bytes)
         self._budget_noted = 0.0
         self._state = bytearray(num_blocks)
         self._page = bytearray(self.num_pages)  # mapping state
@@ -162,7 +174,26 @@ class VllmPages:
 
     def num_mappable_blocks(self) -> int:
         """Free blocks on unmapped pages that the limit and the budget allow to map, roughly."""
-        return min(self.num_pages - self._num_mapped, self.room_pages()) * self.blocks_per_page
+        return self.usable_blocks() - self.num_blocks_on_mapped_pages()
+
+    def usable_blocks(self) -> int:
+        """Blocks that may be handed out now, roughly: the free and cached ones on mapped
+        page groups plus those of the groups the limit and the GPU budget still let us map.
+
+        vLLM asks this once per running request per scheduler step (through
+        ``get_num_free_blocks``), so it is one flat function: no lock (a stale count only
+        makes the answer a step late; ``get_new_blocks`` asks again under the lock) and
+        the budget read only while the limit leaves room."""
+        mapped = self._num_mapped
+        room = min(self.num_pages, self._limit_pages) - mapped
+        if room > 0 and self.budget_room is not None:
+            budget = self.budget_room()
+            if budget is not None and budget < room * self.group_bytes:
+                room = budget // self.group_bytes
+        usable = (mapped + max(0, room)) * self.blocks_per_page - self._num_used
+        if self._page[-1] == _MAPPED:
+            usable -= self._tail_blocks  # ids past num_blocks on the last group do not exist
+        return usable
 
     def note_refused(self) -> None:
         """vLLM could not place a request. If the GPU budget (not this engine's limit) is
@@ -178,11 +209,11 @@ class VllmPages:
     def set_share_bytes(self, share_bytes: int | None) -> None:
         """This engine's fair share while another engine is short of memory (None: no
         contention). Above it, :meth:`admits_new` is False."""
-        self._share_blocks = None if share_bytes is None else share_bytes // self.block_bytes
+        self.share_blocks = None if share_bytes is None else share_bytes // self.block_bytes
 
     def admits_new(self) -> bool:
         """Whether a request that holds no blocks yet may start now."""
-        share = self._share_blocks
+        share = self.share_blocks
         return share is None or self._num_used - 1 < share
 
     def free_blocks_on_mapped_pages(self, n: int) -> list[int]:
@@ -272,6 +303,10 @@ class VllmPages:
             self._deny(len(pages) * self.group_bytes)
             return False
         self._num_sync_maps += 1
+        if self._ahead_want < self._ahead_max:  # the prefetch fell behind: look further ahead
+            self._ahead_want = min(self._ahead_max, 2 * self._ahead_want)
+            self._ahead_stale = True
+        self._ahead_raised = time.monotonic()
         return True
 
     def set_states(self, block_ids: Iterable[int], state: int) -> None:
@@ -281,10 +316,12 @@ class VllmPages:
     def want_prefetch(self, upcoming_block_ids: Iterable[int]) -> None:
         """Ask the thread to map the pages of blocks the scheduler will likely take next
         (in the order vLLM will hand them out, read lazily): the page of the next block and
-        ``max(1, reserve_pages)`` pages after it, so a page is mapped before the one in use
-        runs out. The first of them are also the reserve that idle trimming keeps, so the
-        next request after a pause finds its page mapped."""
-        bpp, want, ahead = self.blocks_per_page, 1 + max(1, self.reserve_pages), list[int]()
+        ``max(1, reserve_pages)`` pages after it (more during a burst, see the module
+        docstring), so a page is mapped before the one in use runs out. The first of them
+        are also the reserve that idle trimming keeps, so the next request after a pause
+        finds its page mapped."""
+        bpp, want, ahead = self.blocks_per_page, self._ahead_want, list[int]()
+        self._ahead_stale = False
         for i, b in enumerate(upcoming_block_ids):
             p = b // bpp
             if p not in ahead:
@@ -300,9 +337,14 @@ class VllmPages:
             self._wake.set()
 
     def ahead_mapped(self) -> bool:
-        """Whether every page :meth:`want_prefetch` last asked for is mapped (or mapping)."""
-        page = self._page
-        return all(page[p] in (_MAPPED, _MAPPING) for p in self._ahead)
+        """Whether every page :meth:`want_prefetch` last asked for is mapped, being mapped
+        or still waiting for the thread (False once idle trimming took one back). While
+        the scheduler holds the lock the thread cannot map, so "waiting" must count: else
+        every allocation of a step would look the pages ahead up again."""
+        if self._ahead_stale:
+            return False  # the depth grew: there are pages to add
+        page, pending = self._page, self._prefetch
+        return all(page[p] != _UNMAPPED or p in pending for p in self._ahead)
 
     # -- the limit and reporting (the control plane's view of a pool) ---------------
 
@@ -432,6 +474,9 @@ class VllmPages:
                     self._num_mapped_total += len(pages)
                 self._cond.notify_all()
         with self.lock:
+            if self._ahead_want > self._ahead_base and now - self._ahead_raised >= _AHEAD_DECAY_S:
+                self._ahead_want = max(self._ahead_base, self._ahead_want // 2)
+                self._ahead_raised = now
             if self.idle_cache_bytes is not None and len(self._cold_since) * self.group_bytes > self.idle_cache_bytes:
                 # Cold cache beyond its bound goes, and the pages that frees go back at once.
                 before = set(self._empty_since)
@@ -483,9 +528,7 @@ class VllmPages:
 
     def _tail_blocks_on_mapped(self) -> int:
         # The last page group may extend past num_blocks: those ids do not exist.
-        last = self.num_pages - 1
-        extra = self.num_pages * self.blocks_per_page - self.num_blocks
-        return extra if self._page[last] == _MAPPED else 0
+        return self._tail_blocks if self._page[-1] == _MAPPED else 0
 
     def _set_states(self, block_ids: Iterable[int], state: int) -> None:
         st, bpp, held, cached, empty = self._state, self.blocks_per_page, self._held, self._cached, self._empty_since
