@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,28 +133,51 @@ def memory_table(elastic: list[dict[str, Any]]) -> str:
 
 
 def overhead_table(runs: list[dict[str, Any]]) -> str:
+    """Vanilla vs kvcached per load. Repeats (``overhead-<mode>-<load>-r<k>``, from
+    ``run.py overhead --paired``) are pooled: latency statistics over all their requests,
+    throughput as the mean of the runs'; the last column gives each pair's TTFT p50 ratio."""
     rows = [
-        "| load | req/s | requests | tok/s vanilla / kvcached | ratio | TTFT mean (ms) | ratio | TTFT p99 (ms) "
-        "| TPOT mean (ms) | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| load | req/s | runs | requests | tok/s vanilla / kvcached | ratio | TTFT mean (ms) | ratio "
+        "| TTFT p50 (ms) | ratio | TTFT p99 (ms) | TPOT mean (ms) | ratio | p50 ratio per pair |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    by = {r["label"]: r for r in runs}
-    for label, run in by.items():
-        if not label.startswith("overhead-vanilla-"):
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in runs:
+        mode, _, rest = run["label"].removeprefix("overhead-").partition("-")
+        load_name = re.sub(r"-r\d+$", "", rest)
+        groups.setdefault(load_name, {}).setdefault(mode, []).append(run)
+    for load_name, by_mode in groups.items():
+        if not by_mode.get("vanilla") or not by_mode.get("kvcached"):
             continue
-        load_name = label.removeprefix("overhead-vanilla-")
-        other = by.get(f"overhead-kvcached-{load_name}")
-        if other is None:
-            continue
-        v, k = run["summary"], other["summary"]
+        v, k = (pooled(by_mode[m]) for m in ("vanilla", "kvcached"))
+        pairs = [
+            ratio(b["summary"]["ttft_p50_s"], a["summary"]["ttft_p50_s"])
+            for a, b in zip(by_mode["vanilla"], by_mode["kvcached"], strict=False)
+        ]
         rows.append(
-            f"| {load_name} | {peak_rate(run):g} | {k['count']} | {v['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} "
+            f"| {load_name} | {peak_rate(by_mode['vanilla'][0]):g} | {len(by_mode['kvcached'])} | {k['count']} "
+            f"| {v['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} "
             f"| {ratio(k['output_tokens_per_s'], v['output_tokens_per_s'])} "
             f"| {ms(v['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} | {ratio(k['ttft_mean_s'], v['ttft_mean_s'])} "
+            f"| {ms(v['ttft_p50_s'])} / {ms(k['ttft_p50_s'])} | {ratio(k['ttft_p50_s'], v['ttft_p50_s'])} "
             f"| {ms(v['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} "
-            f"| {ms(v['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} | {ratio(k['tpot_mean_s'], v['tpot_mean_s'])} |"
+            f"| {ms(v['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} | {ratio(k['tpot_mean_s'], v['tpot_mean_s'])} "
+            f"| {', '.join(pairs)} |"
         )
     return "\n".join(rows)
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several runs of the same load: latencies over all their requests."""
+    from client import Result, summarize
+
+    if len(runs) == 1:
+        return dict(runs[0]["summary"])
+    results = [Result(**r) for run in runs for r in run["results"]]
+    out = summarize(results)
+    rates = [run["summary"]["output_tokens_per_s"] for run in runs if run["summary"]["output_tokens_per_s"]]
+    out["output_tokens_per_s"] = sum(rates) / len(rates) if rates else None
+    return out
 
 
 def plot_ttft(

@@ -11,6 +11,9 @@ Run on the GPU machine after ``scripts/gpu/stage_vllm.sh`` (vLLM in /tmp/site) a
     python3 scripts/bench_serving/run.py multi --config kvcached --model /tmp/llama8b --out $OUT
     # one engine, vanilla vLLM vs vLLM with kvcached, low / medium / saturating load:
     python3 scripts/bench_serving/run.py overhead --model /tmp/llama8b --out $OUT
+    # the same, both servers up at once and the loads alternated between them, repeated:
+    python3 scripts/bench_serving/run.py overhead --paired --repeat 3 --loads low:2:20,medium:8:20 \
+        --model /tmp/llama8b --out $OUT
 
 ``static`` starts each engine with ``--kv-cache-memory-bytes`` = budget / engines (a
 fixed slice, as users co-locate vLLM today). ``kvcached`` starts the same engines under
@@ -28,6 +31,7 @@ inside a device call.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -258,8 +262,12 @@ def engines_idle(servers: list[Server]) -> bool:
 # -- one run --------------------------------------------------------------------------------
 
 
-def run_one(bench: Bench, label: str, schedule: Any, kind: str, seed: int) -> None:
+def run_one(bench: Bench, label: str, schedule: Any, kind: str, seed: int, send_to: str | None = None) -> None:
+    """Run ``schedule``'s requests against the servers (all to ``send_to`` if given: the
+    same arrivals and prompts whichever server gets them) and record the run."""
     requests = build_requests(schedule, kind=kind, seed=seed)
+    if send_to is not None:
+        requests = [dataclasses.replace(r, model=send_to) for r in requests]
     urls = {s.name: s.url for s in bench.servers}
     t0 = time.time() + 2.0
     sampler = Sampler(bench.servers, bench.shm_name)
@@ -283,7 +291,7 @@ def run_one(bench: Bench, label: str, schedule: Any, kind: str, seed: int) -> No
         "samples": samples,
     }
     if hasattr(schedule, "peak_window"):
-        run["peak_windows"] = {s.name: schedule.peak_window(s.name) for s in bench.servers}
+        run["peak_windows"] = {m: schedule.peak_window(m) for m in schedule.models}
     bench.runs.append(run)
     print(
         f"[{label}] {summary['ok']}/{summary['count']} ok, TTFT mean {(summary['ttft_mean_s'] or 0) * 1e3:.0f} ms "
@@ -393,6 +401,9 @@ def multi(bench: Bench) -> None:
 def overhead(bench: Bench) -> None:
     a = bench.args
     loads = [(label, float(rps), float(dur)) for label, rps, dur in (x.split(":") for x in a.loads.split(","))]
+    if a.paired:
+        overhead_paired(bench, loads)
+        return
     for mode in ("vanilla", "kvcached"):
         if not fits(bench, 90 + sum(d + 20 for _, _, d in loads)):
             break
@@ -413,6 +424,34 @@ def overhead(bench: Bench) -> None:
         stop_servers(bench)
 
 
+def overhead_paired(bench: Bench, loads: list[tuple[str, float, float]]) -> None:
+    """Vanilla and kvcached servers up side by side, each with the same KV memory
+    (``--paired-kv``), and every load run against one, then the other, ``--repeat`` times
+    (ABBA order): run-to-run drift hits both alike and no server restarts between runs.
+    The idle server only waits. Runs are labelled ``overhead-<mode>-<load>-r<k>``."""
+    a = bench.args
+    util = ["--gpu-memory-utilization", str(a.gpu_util)]
+    vanilla_cmd = serve_cmd(a, "vanilla", a.port, ["--kv-cache-memory-bytes", str(a.paired_kv_bytes), *util])
+    vanilla = start_server(bench, "vanilla", a.port, vanilla_cmd, bench.env, log_name="server_vanilla.log")
+    startup = {"vanilla": wait_healthy([vanilla], 420)}  # one at a time: they share the compile cache
+    env = dict(bench.env, KVCACHED_SHM_NAME=bench.shm_name or "", KVCACHED_VIRTUAL_BYTES=str(a.paired_kv_bytes))
+    kv_cmd = ["kvctl", "launch", "--name", "kvcached", "--", *serve_cmd(a, "kvcached", a.port + 1, util)]
+    kvcached = start_server(bench, "kvcached", a.port + 1, kv_cmd, env, log_name="server_kvcached.log")
+    startup["kvcached"] = wait_healthy([kvcached], 420)
+    print(f"paired: vanilla healthy after {startup['vanilla']:.0f} s, kvcached after {startup['kvcached']:.0f} s", flush=True)
+    warm_up([vanilla, kvcached])
+    for k in range(1, a.repeat + 1):
+        for i, (label, rps, dur) in enumerate(loads):
+            if not fits(bench, 2 * (dur + 10)):
+                return
+            order = ("vanilla", "kvcached") if (k + i) % 2 else ("kvcached", "vanilla")
+            for mode in order:
+                # both sides of a pair get the same requests; a new draw per repeat and load
+                schedule = ConstantRate(["m0"], rps, dur)
+                run_one(bench, f"overhead-{mode}-{label}-r{k}", schedule, "fixed", seed=100 * k + i, send_to=mode)
+                bench.runs[-1]["startup_s"] = startup[mode]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=["multi", "overhead"])
@@ -422,7 +461,9 @@ def main() -> int:
     ap.add_argument("--engines", type=int, default=3)
     ap.add_argument("--budget", default="18GiB", help="KV memory of all engines together")
     ap.add_argument("--floor", default="1GiB", help="kvcached: memory each engine's limit leaves to every peer")
-    ap.add_argument("--gpu-util", type=float, default=0.28, help="--gpu-memory-utilization of each of the engines")
+    ap.add_argument(
+        "--gpu-util", type=float, help="--gpu-memory-utilization of each engine (multi: 0.28, overhead --paired: 0.45)"
+    )
     ap.add_argument("--rates", default="10,20,30,40", help="peak request rates (req/s), fixed 256/256 lengths")
     ap.add_argument("--sharegpt-rates", default="30", help="peak rates of the ShareGPT-like length variant")
     ap.add_argument("--base-rps", type=float, default=1.0)
@@ -434,6 +475,9 @@ def main() -> int:
     ap.add_argument(
         "--loads", default="low:2:30,medium:8:30,saturating:100:15", help="overhead: label:rps:seconds, comma separated"
     )
+    ap.add_argument("--paired", action="store_true", help="overhead: both servers up at once, loads alternated")
+    ap.add_argument("--repeat", type=int, default=3, help="overhead --paired: runs of each load on each server")
+    ap.add_argument("--paired-kv", default="40GiB", help="overhead --paired: KV memory of each server")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--extra", default="", help="extra vllm serve arguments")
@@ -444,6 +488,11 @@ def main() -> int:
     from kvcached.units import parse_size
 
     args.budget_bytes, args.floor_bytes = parse_size(args.budget), parse_size(args.floor)
+    args.paired_kv_bytes = parse_size(args.paired_kv)
+    if args.gpu_util is None:
+        args.gpu_util = 0.45 if args.paired else 0.28
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     args.rates = [float(r) for r in args.rates.split(",") if r]
     args.sharegpt_rates = [float(r) for r in args.sharegpt_rates.split(",") if r]
     if args.kind == "multi" and args.engines * args.floor_bytes >= args.budget_bytes:
