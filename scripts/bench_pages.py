@@ -84,6 +84,8 @@ def cache(pool: Any, blocks: list[Any], serial: itertools.count[int]) -> None:
 
 
 def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: int) -> dict[str, Any]:
+    from kvcached.integrations.vllm import placement
+
     kv = getattr(pool, "kv", None)
     rng = random.Random(seed)
     serial = itertools.count(seed << 40)
@@ -149,7 +151,7 @@ def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: 
         "pool": "kvcached" if kv is not None else "vanilla",
         "rate": rate,
         "lengths": kind,
-        "pack": pool.kv.packs() if kv is not None else None,
+        "pack": placement.packs(pool.kv) if kv is not None else None,
         "seconds": round(elapsed, 1),
         "requests": finished,
         "get_new_blocks_us_p50": round(statistics.median(take_us), 1),

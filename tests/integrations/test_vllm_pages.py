@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from kvcached import _vmm
+from kvcached.integrations.vllm import placement
 from kvcached.integrations.vllm.pages import CACHED, FREE, USED, VllmPages
 
 PAGE = 64 << 10
@@ -203,8 +204,8 @@ def test_blocks_on_mapped_pages_are_found_free_first(make):
     pages.set_states(range(1, 48), USED)  # pages 0-2 full
     pages.set_states(range(16, 20), CACHED)
     pages.set_states(range(40, 44), FREE)
-    assert pages.free_blocks_on_mapped_pages(6) == [40, 41, 42, 43, 16, 17]
-    assert pages.free_blocks_on_mapped_pages(100) == [40, 41, 42, 43, 16, 17, 18, 19]
+    assert placement.free_blocks_on_mapped_pages(pages, 6) == [40, 41, 42, 43, 16, 17]
+    assert placement.free_blocks_on_mapped_pages(pages, 100) == [40, 41, 42, 43, 16, 17, 18, 19]
 
 
 def test_over_its_share_an_engine_admits_no_new_requests(make):
@@ -259,24 +260,24 @@ def test_idle_trim_keeps_the_page_the_next_request_will_use(make):
 def test_packing_follows_the_budget_and_hands_out_surplus_cache_first(make):
     room: dict[str, int | None] = {"bytes": None}
     pages, _ = make(budget_room=lambda: room["bytes"], idle_cache_bytes=2 * (2 * PAGE // BPP))  # 2 blocks
-    assert not pages.packs()  # no budget: vLLM's own order
+    assert not placement.packs(pages)  # no budget: vLLM's own order
     room["bytes"] = 1 << 30
-    assert pages.packs()  # engines share a budget: fill mapped pages first
+    assert placement.packs(pages)  # engines share a budget: fill mapped pages first
     pages.ensure_mapped([1, 2, 3])  # page 3 stays empty: the reserve
     pages.set_states(range(1, 48), USED)
     pages.set_states(range(20, 26), CACHED)  # 6 cached blocks, 4 beyond the 2-block bound
     pages.set_states([33, 34], FREE)
-    assert pages.blocks_to_pack(100) == [33, 34, 20, 21, 22, 23, *range(48, 64)]
-    assert pages.blocks_to_pack(4) == [33, 34, 20, 21]
-    assert pages.blocks_to_pack(100, include_empty=False) == [33, 34, 20, 21, 22, 23]
-    assert pages.opens_page([48]) and pages.opens_page([64]) and not pages.opens_page([33])
+    assert placement.blocks_to_pack(pages, 100) == [33, 34, 20, 21, 22, 23, *range(48, 64)]
+    assert placement.blocks_to_pack(pages, 4) == [33, 34, 20, 21]
+    assert placement.blocks_to_pack(pages, 100, include_empty=False) == [33, 34, 20, 21, 22, 23]
+    assert placement.opens_page(pages, [48]) and placement.opens_page(pages, [64]) and not placement.opens_page(pages, [33])
     pages.set_states(range(20, 26), USED)
     pages.set_states([33, 34], USED)
     pages.set_states(range(48, 64), USED)
-    assert pages.blocks_to_pack(100) == []  # nothing to reuse: a new page group it is
+    assert placement.blocks_to_pack(pages, 100) == []  # nothing to reuse: a new page group it is
     for mode, expected in (("on", True), ("off", False)):
         forced, _ = make(pack=mode)
-        assert forced.packs() is expected
+        assert placement.packs(forced) is expected
     with pytest.raises(ValueError, match="pack must be"):
         make(pack="sometimes")
 
@@ -311,13 +312,13 @@ def test_the_prefetch_looks_further_ahead_while_the_scheduler_maps_pages_itself(
     pages.maintain()
     assert arena.mapped_pages() == [0, 1, 2, 3, 4, 5, 6, 7]  # four pages ahead of page 3
     assert pages.ensure_mapped([8]) and pages.ensure_mapped([9])
-    assert pages._ahead_want == pages._ahead_max == 16  # capped (16 groups, well under 1 GiB here)
+    assert pages._ahead.want == pages._ahead.max == 16  # capped (16 groups, well under 1 GiB here)
     # Without a map on the scheduler's side the depth halves back, one step per decay period.
-    later = pages._ahead_raised + 0.6
+    later = pages._ahead.raised + 0.6
     pages.maintain(now=later)
-    assert pages._ahead_want == 8
+    assert pages._ahead.want == 8
     pages.maintain(now=later + 0.6)
     pages.maintain(now=later + 1.2)
     pages.maintain(now=later + 1.8)
-    assert pages._ahead_want == 2
+    assert pages._ahead.want == 2
     pages.check_integrity()

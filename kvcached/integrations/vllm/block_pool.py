@@ -25,7 +25,7 @@ from typing import Any
 from vllm.v1.core.block_pool import BlockPool
 
 from kvcached import envs
-from kvcached.integrations.vllm import runtime
+from kvcached.integrations.vllm import placement, runtime
 from kvcached.integrations.vllm.pages import CACHED, FREE, USED, VllmPages
 
 __all__ = ["ElasticBlockPool"]
@@ -78,19 +78,19 @@ class ElasticBlockPool(BlockPool):
         kv, deadline = self.kv, None
         while True:
             upcoming = [b.block_id for b in self._peek(num_blocks)]
-            if not kv.opens_page(upcoming):
+            if not placement.opens_page(kv, upcoming):
                 return  # the common case: all on page groups already in use
             pages = kv.pages_of(upcoming)
-            if kv.packs():
+            if placement.packs(kv):
                 # A page group's worth at a time: the next allocations find theirs at the head.
                 # The empty reserve counts as reusable only where the head would need a map.
-                packed = kv.blocks_to_pack(max(num_blocks, kv.blocks_per_page), include_empty=bool(pages))
+                packed = placement.blocks_to_pack(kv, max(num_blocks, kv.blocks_per_page), include_empty=bool(pages))
                 if packed:
                     self._to_front([self.blocks[i] for i in packed])
                     pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))
             if not pages or kv.ensure_mapped(pages):
                 return
-            on_mapped = kv.free_blocks_on_mapped_pages(num_blocks)
+            on_mapped = placement.free_blocks_on_mapped_pages(kv, num_blocks)
             self._to_front([self.blocks[i] for i in on_mapped])
             pages = kv.pages_of(b.block_id for b in self._peek(num_blocks))
             if not pages or kv.ensure_mapped(pages):

@@ -1,0 +1,95 @@
+"""Which free blocks the scheduler should get instead of vLLM's next ones: packing.
+
+vLLM's free queue hands out never-used blocks before freed (cached) ones, so over a
+virtual KV cache an engine would map its whole limit before it reused anything, and
+scatter its live blocks over every page group it touched. On a GPU shared under a budget
+(or with ``pack="on"``), before a new page group is started — mapped, or the empty one
+the prefetch mapped ahead — the block pool moves these to the head of vLLM's queue: free
+blocks on groups in use (lowest group first), then cached ones while the prefix cache
+holds more than ``idle_cache_bytes``. What an engine maps then follows what it uses, and
+groups empty as requests finish. With the budget full, blocks already on mapped groups
+are the only ones that can be handed out at all (:func:`free_blocks_on_mapped_pages`).
+
+Functions of a :class:`~kvcached.integrations.vllm.pages.VllmPages`, read under its lock;
+they only choose block ids and change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from kvcached.integrations.vllm.states import CACHED, FREE, MAPPED
+
+if TYPE_CHECKING:
+    from kvcached.integrations.vllm.pages import VllmPages
+
+__all__ = ["blocks_to_pack", "free_blocks_on_mapped_pages", "opens_page", "packs"]
+
+
+def packs(pages: VllmPages) -> bool:
+    """Whether blocks on mapped page groups go before a new group is mapped: with
+    ``pack="auto"``, while the GPU has a budget (engines share it)."""
+    if pages.pack != "auto":
+        return pages.pack == "on"
+    return pages.budget_room is not None and pages.budget_room() is not None
+
+
+def opens_page(pages: VllmPages, block_ids: Iterable[int]) -> bool:
+    """Whether handing out ``block_ids`` starts a page group: one not mapped, or mapped
+    but holding no block (the reserve the prefetch mapped ahead)."""
+    bpp, page, held = pages.blocks_per_page, pages.page_state, pages.held
+    return any(page[b // bpp] != MAPPED or held[b // bpp] == 0 for b in block_ids)
+
+
+def blocks_to_pack(pages: VllmPages, n: int, include_empty: bool = True) -> list[int]:
+    """Up to ``n`` blocks to hand out instead of starting a new page group, lowest group
+    first: free blocks on groups that hold others, then cached blocks beyond
+    ``idle_cache_bytes`` of prefix cache (none when that is None), then (with
+    ``include_empty``) the blocks of empty mapped groups, which stay trimmable as long
+    as possible."""
+    num_cached = pages.num_cached
+    excess = 0
+    if pages.idle_cache_bytes is not None:
+        excess = max(0, num_cached - pages.idle_cache_bytes // pages.block_bytes)
+    if pages.num_blocks_on_mapped_pages() - num_cached <= 0 and excess == 0:
+        return []
+    free, cached, empty = _blocks_on_mapped_pages(pages, n, excess, empty_is_free=False)
+    return (free + cached + (empty if include_empty else []))[:n]
+
+
+def free_blocks_on_mapped_pages(pages: VllmPages, n: int) -> list[int]:
+    """Up to ``n`` block ids that need no mapping: free blocks on mapped page groups
+    first, then cached ones (handing those out evicts their prefix-cache entry)."""
+    free, cached, empty = _blocks_on_mapped_pages(pages, n, pages.num_blocks, empty_is_free=True)
+    return (sorted(free + empty) + cached)[:n]  # ids ascend with the page: lowest group first
+
+
+def _blocks_on_mapped_pages(
+    pages: VllmPages, n: int, max_cached: int, empty_is_free: bool
+) -> tuple[list[int], list[int], list[int]]:
+    """Blocks of mapped page groups not full of used blocks, lowest group first: free
+    ones on groups that hold others, at most ``max_cached`` cached ones, and the blocks
+    of groups holding none (whole groups, until there are ``n``). The scan stops once
+    there are ``n`` free blocks (counting those of empty groups if ``empty_is_free``)."""
+    bpp, num_blocks = pages.blocks_per_page, pages.num_blocks
+    page, state, held, cached_on = pages.page_state, pages.block_state, pages.held, pages.cached_on
+    free: list[int] = []
+    cached: list[int] = []
+    empty: list[int] = []
+    for p in range(pages.num_pages):
+        if page[p] != MAPPED or held[p] - cached_on[p] == bpp:
+            continue
+        ids = range(p * bpp, min((p + 1) * bpp, num_blocks))
+        if held[p] == 0:
+            if len(empty) < n:
+                empty.extend(ids)
+        else:
+            for b in ids:
+                if state[b] == FREE:
+                    free.append(b)
+                elif state[b] == CACHED and len(cached) < max_cached:
+                    cached.append(b)
+        if len(free) + (len(empty) if empty_is_free else 0) >= n:
+            break
+    return free, cached, empty
