@@ -69,7 +69,7 @@ class ElasticBlockPool(BlockPool):
         """Make the next ``num_blocks`` of vLLM's free queue sit on mapped pages.
 
         On a shared GPU blocks on mapped pages go first (packing, see
-        :class:`~kvcached.integrations.vllm.pages.VllmPages`). Then the pages still
+        :mod:`~kvcached.integrations.vllm.placement`). Then the pages still
         needed are mapped if the limit and the budget allow; otherwise any free block on
         a mapped page moves to the head of the queue. If the device or the budget still
         refuses (another engine took the room since the capacity check), wait for

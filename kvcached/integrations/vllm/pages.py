@@ -162,16 +162,9 @@ class VllmPages:
         page groups plus those of the groups the limit and the GPU budget still let us map.
 
         vLLM asks this once per running request per scheduler step (through
-        ``get_num_free_blocks``), so it is one flat function: no lock (a stale count only
-        makes the answer a step late; ``get_new_blocks`` asks again under the lock) and
-        the budget read only while the limit leaves room."""
-        mapped = self._num_mapped
-        room = min(self.num_pages, self._limit_pages) - mapped
-        if room > 0 and self.budget_room is not None:
-            budget = self.budget_room()
-            if budget is not None and budget < room * self.group_bytes:
-                room = budget // self.group_bytes
-        usable = (mapped + max(0, room)) * self.blocks_per_page - self._num_used
+        ``get_num_free_blocks``), so it takes no lock: a stale count only makes the answer
+        a step late, and ``get_new_blocks`` asks again under the lock."""
+        usable = (self._num_mapped + self.room_pages()) * self.blocks_per_page - self._num_used
         if self.page_state[-1] == MAPPED:
             usable -= self._tail_blocks  # ids past num_blocks on the last group do not exist
         return usable
