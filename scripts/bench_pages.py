@@ -17,6 +17,7 @@ mapped the page ahead — per request. Run it where vLLM is installed (the CI's 
 
     python scripts/bench_pages.py --rates 2,8 --seconds 20 [--json out.json]
     KVCACHED_PACK=on python scripts/bench_pages.py --rates 30 --lengths sharegpt   # as on a shared GPU
+    KVCACHED_PACK=on python scripts/bench_pages.py --peak 20 --step-ms 20      # memory back after a peak
 """
 
 from __future__ import annotations
@@ -83,11 +84,22 @@ def cache(pool: Any, blocks: list[Any], serial: itertools.count[int]) -> None:
         pool.cached_block_hash_to_block.insert(key, block)
 
 
-def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: int) -> dict[str, Any]:
+def poisson(rate: float, seconds: float, seed: int) -> list[float]:
+    """Arrival times (s) of a Poisson stream of ``rate`` req/s over ``seconds``."""
+    rng, t, out = random.Random(seed), 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= seconds:
+            return out
+        out.append(t)
+
+
+def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int) -> dict[str, Any]:
+    """Drive ``pool`` with requests arriving at ``send_times`` (s from the start) until all
+    have finished; counts, per-call costs, and a sample of the pages after every step."""
     from kvcached.integrations.vllm import placement
 
     kv = getattr(pool, "kv", None)
-    rng = random.Random(seed)
     serial = itertools.count(seed << 40)
 
     def counts() -> tuple[int, int, int]:
@@ -99,10 +111,11 @@ def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: 
     before = counts()
     running: list[Request] = []
     take_us: list[float] = []
-    mapped, used, cached = [], [], []
-    sizes = iter(lengths(kind, int(rate * seconds * 2) + 100, seed))
+    mapped, used, cached, timeline = [], [], [], []
+    sizes = iter(lengths(kind, len(send_times), seed))
+    arrivals = iter(send_times)
     t0 = time.monotonic()
-    next_arrival = t0 + rng.expovariate(rate)
+    next_arrival = t0 + next(arrivals, float("inf"))
     next_step = t0
     admitted = finished = 0
 
@@ -114,16 +127,15 @@ def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: 
 
     while True:
         now = time.monotonic()
-        arriving = now - t0 < seconds
-        if not arriving and not running:
+        if next_arrival == float("inf") and not running:
             break
-        while arriving and next_arrival <= now:
+        while next_arrival <= now:
             prompt, output = next(sizes)
             req = Request(prompt + output, prompt)
             req.blocks = take(-(-(prompt + 1) // BLOCK_TOKENS))
             running.append(req)
             admitted += 1
-            next_arrival += rng.expovariate(rate)
+            next_arrival = t0 + next(arrivals, float("inf"))
         if now >= next_step:
             next_step += step_s
             still = []
@@ -144,12 +156,13 @@ def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: 
                 mapped.append(stats.mapped_bytes / kv.group_bytes)
                 used.append(stats.used_bytes / kv.group_bytes)
                 cached.append(stats.cached_bytes / kv.group_bytes)
+                timeline.append((round(now - t0, 3), len(running), mapped[-1]))
         time.sleep(max(0.0, min(next_step, next_arrival) - time.monotonic()))
     elapsed = time.monotonic() - t0
     maps, unmaps, sync = (b - a for a, b in zip(before, counts(), strict=True))
     return {
         "pool": "kvcached" if kv is not None else "vanilla",
-        "rate": rate,
+        "rate": round(len(send_times) / max(send_times[-1], 1e-9), 2) if send_times else 0.0,
         "lengths": kind,
         "pack": placement.packs(pool.kv) if kv is not None else None,
         "seconds": round(elapsed, 1),
@@ -163,6 +176,7 @@ def run(pool: Any, rate: float, seconds: float, kind: str, step_s: float, seed: 
         "used_groups_mean": round(statistics.mean(used), 2) if used else None,
         "cached_groups_mean": round(statistics.mean(cached), 2) if cached else None,
         "mapped_groups_max": round(max(mapped), 2) if mapped else None,
+        "timeline": timeline,
     }
 
 
@@ -200,12 +214,24 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=20000, help="calls of the tight-loop cost measurement")
     ap.add_argument("--idle-cache-max", default="256MiB", help="KVCACHED_IDLE_CACHE_MAX as on the GPU (scaled here)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--peak", type=float, help="instead: one engine's peak at this rate over a 1 req/s base "
+                    "(the serving benchmark's shape); prints how long mapped memory lags the drain")
+    ap.add_argument("--repeat", type=int, default=3, help="--peak: runs, each with its own seed")
     args = ap.parse_args()
     os.environ.setdefault("KVCACHED_REQUIRE_CONTROL", "0")
     # Byte sizes scale with the page group: 256 MiB of cold cache on the GPU is 2 groups.
     scale = GPU_GROUP_BYTES // (2 * HOST_PAGE)
     os.environ.setdefault("KVCACHED_IDLE_CACHE_MAX", str(parse_size(args.idle_cache_max) // scale))
     env = {k: v for k, v in os.environ.items() if k.startswith("KVCACHED_")}
+    results = peak_runs(args) if args.peak is not None else steady_runs(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "env": env, "results": results}, f, indent=1)
+    return 0
+
+
+def steady_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per pool: the tight-loop cost, then a steady Poisson load at each rate."""
     results = []
     for vanilla in (True, False):
         pool = make_pool(args.num_blocks, args.blocks_per_page, vanilla)
@@ -214,14 +240,43 @@ def main() -> int:
         print(json.dumps(res), flush=True)
         time.sleep(2)  # the loop's pages go back before the timed loads
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
-            res = run(pool, rate, args.seconds, args.lengths, args.step_ms / 1000, seed=i + 1)
+            res = run(pool, poisson(rate, args.seconds, i + 1), args.lengths, args.step_ms / 1000, seed=i + 1)
+            res.pop("timeline")
             results.append(res)
             print(json.dumps(res), flush=True)
             time.sleep(2)  # let the idle trim settle between loads
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "env": env, "results": results}, f, indent=1)
-    return 0
+    return results
+
+
+def peak_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """kvcached's pool through a peak (1 req/s, up to ``--peak`` and back), ``--repeat``
+    times: how long after the load falls back the mapped memory does too."""
+    from workload import StaggeredPeaks, arrivals
+
+    shape = StaggeredPeaks(["m"], peak_rps=args.peak, base_rps=1.0, lead_s=10.0, ramp_s=3.0, hold_s=8.0, tail_s=15.0)
+    pool = make_pool(args.num_blocks, args.blocks_per_page, vanilla=False)
+    results = []
+    for seed in range(1, args.repeat + 1):
+        res = run(pool, [t for t, _ in arrivals(shape, seed)], args.lengths, args.step_ms / 1000, seed=seed)
+        res.update(memory_lag(res.pop("timeline"), shape.peak_window("m")))
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        time.sleep(2)
+    return results
+
+
+def memory_lag(timeline: list[tuple[float, int, float]], window: tuple[float, float]) -> dict[str, Any]:
+    """The serving report's rule (``report.memory_return``) on one engine's samples
+    (t, running, mapped page groups), its groups counted at their GPU size."""
+    from report import memory_return
+
+    samples = [
+        {"t": t, "engines": {"m": {"num_requests_running": r, "num_requests_waiting": 0, "mapped": m * GPU_GROUP_BYTES}}}
+        for t, r, m in timeline
+    ]
+    (lag,) = memory_return({"peak_windows": {"m": window}, "samples": samples})
+    lag.pop("engine")
+    return lag
 
 
 if __name__ == "__main__":

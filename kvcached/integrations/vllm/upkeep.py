@@ -3,9 +3,10 @@
 Each round (:func:`maintain`, every tick of at most 50 ms or when the block pool asks for
 pages ahead) maps the page groups the scheduler will take next (outside the lock, on
 groups marked ``MAPPING``); evicts cold prefix cache beyond ``idle_cache_bytes`` and unmaps
-the groups that frees at once, busy or idle, so memory returns after a peak while the
-engine still serves; and unmaps page groups empty for ``trim_idle_s``, keeping the reserve
-(the first of the pages ahead, so the next request after a pause finds its page mapped).
+the groups that frees at once (``COLD_GRACE_S`` after they went cold), busy or idle, so
+memory returns after a peak while the engine still serves; and unmaps page groups empty
+for ``trim_idle_s``, keeping the reserve (the first of the pages ahead, so the next
+request after a pause finds its page mapped).
 A limit lowered from the control plane gives page groups back the same way, at once
 (:func:`enforce_limit`).
 
@@ -24,7 +25,13 @@ from kvcached.integrations.vllm.states import CACHED, MAPPED, MAPPING, UNMAPPED
 if TYPE_CHECKING:
     from kvcached.integrations.vllm.pages import VllmPages
 
-__all__ = ["enforce_limit", "evict_cold_pages", "maintain", "run"]
+__all__ = ["COLD_GRACE_S", "enforce_limit", "evict_cold_pages", "maintain", "run"]
+
+# How long a page group holding only cached blocks waits, beyond the cold-cache bound,
+# before its blocks are evicted and it is unmapped (``trim_idle_s`` if shorter). Short:
+# the bound already keeps the most recently cold groups, and after a peak every group
+# its last requests leave goes cold at once; each wait is on the memory-return path.
+COLD_GRACE_S = 0.1
 
 
 def maintain(pages: VllmPages, now: float) -> None:
@@ -54,7 +61,7 @@ def maintain(pages: VllmPages, now: float) -> None:
         if pages.idle_cache_bytes is not None and len(pages._cold_since) * pages.group_bytes > pages.idle_cache_bytes:
             # Cold cache beyond its bound goes, and the pages that frees go back at once.
             before = set(pages._empty_since)
-            evict_cold_pages(pages, pages.idle_cache_bytes, now - pages.trim_idle_s)
+            evict_cold_pages(pages, pages.idle_cache_bytes, now - min(pages.trim_idle_s, COLD_GRACE_S))
             pages._unmap_now(sorted(p for p in pages._empty_since if p not in before and pages.page_state[p] == MAPPED))
         idle = [p for p, t in pages._empty_since.items() if now - t >= pages.trim_idle_s]
         keep = pages.reserve_pages if len(idle) < len(pages._empty_since) else min(pages.reserve_pages, 1)
