@@ -168,7 +168,9 @@ async def run_requests(
             on_result(result)
         return result
 
-    connector = aiohttp.TCPConnector(limit=0)
+    # Idle connections are dropped before uvicorn closes its side (5 s keep-alive): a request
+    # sent on a connection the server is closing fails with "Server disconnected" at once.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for i in order:
