@@ -322,3 +322,72 @@ def test_the_prefetch_looks_further_ahead_while_the_scheduler_maps_pages_itself(
     pages.maintain(now=later + 1.8)
     assert pages._ahead.want == 2
     pages.check_integrity()
+
+
+def test_trimming_unmaps_outside_the_lock_and_hides_the_page_meanwhile(make):
+    import threading
+
+    pages, arena = make(trim_idle_s=0.0, reserve_pages=0)
+
+    class SlowUnmap:
+        """The arena, with an unmap that waits until the test lets it go."""
+
+        def __init__(self) -> None:
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(arena, name)
+
+        def unmap(self, page_ids):
+            self.entered.set()
+            assert self.release.wait(5)
+            arena.unmap(page_ids)
+
+    pages.ensure_mapped([1, 2])
+    pages.set_states(range(16, 48), USED)
+    pages.set_states(range(16, 48), FREE)  # pages 1 and 2 empty: the next round trims them
+    pages.mapper = slow = SlowUnmap()
+    trim = threading.Thread(target=pages.maintain)
+    trim.start()
+    assert slow.entered.wait(5)
+    # The driver call is in progress; the scheduler's side still gets the lock at once,
+    # finds no block to hand out on those pages, and the integrity recount holds.
+    assert pages.lock.acquire(timeout=1)
+    try:
+        assert placement.free_blocks_on_mapped_pages(pages, 100) == list(range(1, 16))
+        assert placement.opens_page(pages, [16])
+        pages.check_integrity()
+    finally:
+        pages.lock.release()
+    slow.release.set()
+    trim.join(5)
+    assert arena.mapped_pages() == [0]
+    assert pages.stats().num_pages_unmapped_total == 2
+    pages.check_integrity()
+    assert pages.ensure_mapped([1])  # and the page can be mapped again
+    assert arena.mapped_pages() == [0, 1]
+
+
+def test_a_failed_trim_leaves_the_pages_mapped_and_the_counts_right(make):
+    pages, arena = make(trim_idle_s=0.0, reserve_pages=0)
+
+    class FailingUnmap:
+        def __getattr__(self, name):
+            return getattr(arena, name)
+
+        def unmap(self, page_ids):
+            raise RuntimeError("driver error")
+
+    pages.ensure_mapped([1])
+    pages.set_states(range(16, 32), USED)
+    pages.set_states(range(16, 32), FREE)
+    pages.mapper = FailingUnmap()
+    with pytest.raises(RuntimeError, match="driver error"):
+        pages.maintain()
+    assert arena.mapped_pages() == [0, 1]
+    assert placement.free_blocks_on_mapped_pages(pages, 100)[-1] == 31  # page 1's blocks usable again
+    pages.check_integrity()
+    pages.mapper = arena
+    pages.maintain()
+    assert arena.mapped_pages() == [0]
+    pages.check_integrity()

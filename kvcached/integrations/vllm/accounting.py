@@ -48,7 +48,9 @@ def check_integrity(pages: VllmPages) -> None:
                 assert pages._suspended or pages.page_state[b // bpp] == MAPPED, f"block {b} is {s} on an unmapped page"
         assert held == pages.held and cached == pages.cached_on
         assert pages._num_mapped == sum(1 for s in pages.page_state if s in (MAPPED, UNMAPPING))
-        # A prefetch maps outside the lock: its pages may or may not be in the arena yet.
-        in_flight = sum(1 for s in pages.page_state if s == MAPPING)
+        # Prefetch and trim call the driver outside the lock: pages being mapped or unmapped
+        # may or may not be in the arena right now.
+        mapping = sum(1 for s in pages.page_state if s == MAPPING)
+        unmapping = sum(1 for s in pages.page_state if s == UNMAPPING)
         mapped = pages.mapper.mapped_bytes
-        assert pages._num_mapped * pages.group_bytes <= mapped <= (pages._num_mapped + in_flight) * pages.group_bytes
+        assert (pages._num_mapped - unmapping) * pages.group_bytes <= mapped <= (pages._num_mapped + mapping) * pages.group_bytes

@@ -377,6 +377,35 @@ class VllmPages:
         self._num_mapped += len(pages)
         self._num_mapped_total += len(pages)
 
+    def _begin_unmap(self, pages: list[int]) -> list[int]:
+        """Under the lock: mark empty ``pages`` as being unmapped, so that nobody hands out
+        their blocks or maps them until :meth:`_finish_unmap` (called without the lock)."""
+        for p in pages:
+            self.page_state[p] = UNMAPPING
+            self._empty_since.pop(p, None)
+        return pages
+
+    def _finish_unmap(self, pages: list[int]) -> None:
+        """Without the lock: unmap ``pages`` (from :meth:`_begin_unmap`), then record it."""
+        if not pages:
+            return
+        try:
+            self.mapper.unmap(pages)
+        except BaseException:
+            with self.lock:  # nothing was given back: the pages stay mapped and empty
+                now = time.monotonic()
+                for p in pages:
+                    self.page_state[p] = MAPPED
+                    self._empty_since[p] = now
+                self._cond.notify_all()
+            raise
+        with self.lock:
+            for p in pages:
+                self.page_state[p] = UNMAPPED
+            self._num_mapped -= len(pages)
+            self._num_unmapped_total += len(pages)
+            self._cond.notify_all()
+
     def _unmap_now(self, pages: list[int]) -> None:
         if not pages:
             return
