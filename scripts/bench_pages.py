@@ -162,7 +162,7 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
     maps, unmaps, sync = (b - a for a, b in zip(before, counts(), strict=True))
     return {
         "pool": "kvcached" if kv is not None else "vanilla",
-        "rate": round(len(send_times) / max(send_times[-1], 1e-9), 2) if send_times else 0.0,
+        "rate": round(len(send_times) / max(send_times[-1], 1e-9), 2) if send_times else 0.0,  # mean
         "lengths": kind,
         "pack": placement.packs(pool.kv) if kv is not None else None,
         "seconds": round(elapsed, 1),
@@ -242,6 +242,7 @@ def steady_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
             res = run(pool, poisson(rate, args.seconds, i + 1), args.lengths, args.step_ms / 1000, seed=i + 1)
             res.pop("timeline")
+            res["rate"] = rate  # the nominal rate (the run's own is its Poisson draw)
             results.append(res)
             print(json.dumps(res), flush=True)
             time.sleep(2)  # let the idle trim settle between loads
