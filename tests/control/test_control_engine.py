@@ -286,6 +286,11 @@ def test_a_refused_engine_makes_the_others_give_back_their_reserve(shm_name: str
             while not alloc_pages(b, 1):
                 assert time.monotonic() - start < 0.1, "B still refused after 100 ms"
                 time.sleep(0.001)
+            # A's watcher thread records the trim after its unmap returns; B can be served
+            # in between, so wait for the record rather than race it.
+            while not trims:
+                assert time.monotonic() - start < 1.0, "B was served but A never trimmed"
+                time.sleep(0.001)
             assert trims == [1] and controller.snapshot().gpus[0].mapped_bytes == 4 * PAGE_BYTES
     finally:
         a.close()
