@@ -316,6 +316,7 @@ class EngineHandle:
             slot.num_denied = stats.num_denied
             slot.num_maps = stats.num_pages_mapped_total
             slot.num_unmaps = stats.num_pages_unmapped_total
+            slot.num_sync_maps = stats.num_sync_maps
             slot.flags = flags
             slot.heartbeat_ns = time.monotonic_ns()
             if applied is not None:

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 MAGIC = int.from_bytes(b"KVCACHED", "little")
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: Slot.num_sync_maps
 NO_LIMIT = (1 << 64) - 1  # "no budget" / "no limit"; the core reads UINT64_MAX the same way
 
 NAME_BYTES = 64
@@ -151,6 +151,7 @@ _SLOT_FIELDS: list[tuple[str, type]] = [
     ("num_denied", u64),
     ("num_maps", u64),  # page groups mapped since the start
     ("num_unmaps", u64),
+    ("num_sync_maps", u64),  # pages the engine's own allocation path had to map (the prefetch fell behind)
     ("heartbeat_ns", u64),  # CLOCK_MONOTONIC, host-wide
     ("started_ns", u64),  # wall clock
     # Control fields, written by controllers inside ctl_seq.

@@ -77,6 +77,7 @@ class EngineInfo:
     num_denied: int
     num_maps: int
     num_unmaps: int
+    num_sync_maps: int  # maps on the allocation path (the prefetch fell behind)
     heartbeat_age_s: float
     started_ns: int
 
@@ -183,6 +184,7 @@ def _engine_info(index: int, slot: Slot, gpu_uuids: dict[int, str], now_ns: int)
         num_denied=slot.num_denied,
         num_maps=slot.num_maps,
         num_unmaps=slot.num_unmaps,
+        num_sync_maps=slot.num_sync_maps,
         heartbeat_age_s=max(now_ns - slot.heartbeat_ns, 0) / 1e9,
         started_ns=slot.started_ns,
     )

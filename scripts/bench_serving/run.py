@@ -233,7 +233,8 @@ class Sampler:
                 snap = self.controller.snapshot()
                 for e in snap.engines:
                     sample["engines"].setdefault(e.name, {}).update(
-                        mapped=e.mapped_bytes, used=e.used_bytes, cached=e.cached_bytes, denied=e.num_denied
+                        mapped=e.mapped_bytes, used=e.used_bytes, cached=e.cached_bytes, denied=e.num_denied,
+                        sync_maps=e.num_sync_maps,
                     )
                 sample["gpu_mapped"] = sum(g.mapped_bytes for g in snap.gpus)
             self.samples.append(sample)

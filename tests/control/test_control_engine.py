@@ -180,6 +180,7 @@ def test_heartbeat_and_stats_follow_the_pool(hp: HostPool, shm_name: str, contro
         time.sleep(0.1)
         info = controller.snapshot().engine("h")
         assert info.used_bytes == 2 * PAGE_BYTES and info.num_allocs == 1 and info.num_maps == 2
+        assert info.num_sync_maps == hp.pool.stats().num_sync_maps == 1  # nothing was mapped ahead: one call
         assert info.heartbeat_age_s < 0.1
 
 

@@ -56,7 +56,7 @@ def test_round_trip_through_a_segment(controller: Controller) -> None:
         slot.state = EngineState.RUNNING
         slot.page_bytes, slot.reserved_bytes = 2 << 20, 64 << 30
         slot.used_bytes, slot.cached_bytes, slot.reserve_bytes, slot.demand_bytes = 1, 2, 3, 4
-        slot.num_allocs, slot.num_denied, slot.num_maps, slot.num_unmaps = 5, 6, 7, 8
+        slot.num_allocs, slot.num_denied, slot.num_maps, slot.num_unmaps, slot.num_sync_maps = 5, 6, 7, 8, 9
         slot.flags = layout.FLAG_LIMIT_MET
         slot.applied_revision, slot.applied_limit_bytes = 1, 8 << 30
     seg.gpus[gpu].mapped_bytes = slot.mapped_bytes = 6 << 20
@@ -83,7 +83,7 @@ def test_round_trip_through_a_segment(controller: Controller) -> None:
         64 << 30,
     )
     assert (e.used_bytes, e.cached_bytes, e.reserve_bytes, e.demand_bytes, e.mapped_bytes) == (1, 2, 3, 4, 6 << 20)
-    assert (e.num_allocs, e.num_denied, e.num_maps, e.num_unmaps) == (5, 6, 7, 8)
+    assert (e.num_allocs, e.num_denied, e.num_maps, e.num_unmaps, e.num_sync_maps) == (5, 6, 7, 8, 9)
     assert (e.limit_bytes, e.limit_revision, e.applied_revision, e.applied_limit_bytes) == (8 << 30, 1, 1, 8 << 30)
     assert (e.weight, e.min_bytes, e.limit_met, e.watch_error, e.limit_pending) == (2.5, 1 << 30, True, False, False)
     assert e.heartbeat_age_s < 5

@@ -52,6 +52,7 @@ def _engine(
         num_denied=0,
         num_maps=0,
         num_unmaps=0,
+        num_sync_maps=0,
         heartbeat_age_s=0.0,
         started_ns=0,
     )
