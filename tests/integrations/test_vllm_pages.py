@@ -86,7 +86,7 @@ def test_limit_caps_mapping_and_lowering_it_evicts_cached_pages(make):
     assert not pages.set_limit_bytes(2 * 2 * PAGE + 1)  # 2 page groups: live blocks keep 3 mapped
     assert evicted and sorted(b for call in evicted for b in call) == list(range(16, 48))
     assert arena.mapped_pages() == [0, 3, 4]
-    assert pages.room_pages() == 0 and pages.num_mappable_blocks() == 0
+    assert pages.room_pages() == 0 and (pages.usable_blocks() - pages.num_blocks_on_mapped_pages()) == 0
     assert not pages.ensure_mapped([5])  # refused: over the limit
     assert pages.stats().num_denied == 1 and pages.stats().demand_bytes == 2 * PAGE
     pages.set_states(range(48, 80), FREE)
@@ -159,7 +159,7 @@ def test_budget_room_caps_capacity_and_asks_the_others_for_memory(make):
     room = {"bytes": 3 * 2 * PAGE}
     pages, arena = make(budget_room=lambda: room["bytes"])
     assert pages.room_pages() == 3
-    assert pages.num_mappable_blocks() == 3 * BPP
+    assert (pages.usable_blocks() - pages.num_blocks_on_mapped_pages()) == 3 * BPP
     assert pages.stats().num_denied == 0  # asking is not being refused
     pages.note_refused()  # vLLM could not place a request: the budget, not the limit, is why
     assert pages.stats().num_denied == 1
@@ -295,7 +295,6 @@ def test_usable_blocks_counts_mapped_room_under_the_limit_and_the_budget(make):
     assert pages.usable_blocks() == 4 * BPP - 1 - 24
     room["bytes"] = 0  # the GPU budget is full: only what is mapped
     assert pages.usable_blocks() == 3 * BPP - 1 - 24 == pages.num_blocks_on_mapped_pages()
-    assert pages.num_mappable_blocks() == 0
     pages.set_limit_bytes(2 * PAGE)  # below what is mapped: nothing new, nothing negative
     assert pages.usable_blocks() == pages.num_blocks_on_mapped_pages()
 

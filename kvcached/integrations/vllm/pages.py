@@ -153,10 +153,6 @@ class VllmPages:
                 room = min(room, budget // self.group_bytes)
         return room
 
-    def num_mappable_blocks(self) -> int:
-        """Free blocks on unmapped pages that the limit and the budget allow to map, roughly."""
-        return self.usable_blocks() - self.num_blocks_on_mapped_pages()
-
     def usable_blocks(self) -> int:
         """Blocks that may be handed out now, roughly: the free and cached ones on mapped
         page groups plus those of the groups the limit and the GPU budget still let us map.
@@ -369,7 +365,10 @@ class VllmPages:
 
     def _map_now(self, pages: list[int]) -> None:
         self.mapper.map(pages)
-        now = time.monotonic()
+        self._record_mapped(pages, time.monotonic())
+
+    def _record_mapped(self, pages: list[int], now: float) -> None:
+        """Under the lock: ``pages`` are mapped now (by :meth:`_map_now` or the prefetch)."""
         for p in pages:
             self.page_state[p] = MAPPED
             if self.held[p] == 0:
@@ -378,8 +377,8 @@ class VllmPages:
         self._num_mapped_total += len(pages)
 
     def _begin_unmap(self, pages: list[int]) -> list[int]:
-        """Under the lock: mark empty ``pages`` as being unmapped, so that nobody hands out
-        their blocks or maps them until :meth:`_finish_unmap` (called without the lock)."""
+        """Under the lock: mark ``pages`` as being unmapped, so that nobody hands out their
+        blocks or maps them until :meth:`_finish_unmap` (called without the lock)."""
         for p in pages:
             self.page_state[p] = UNMAPPING
             self._empty_since.pop(p, None)
@@ -392,11 +391,12 @@ class VllmPages:
         try:
             self.mapper.unmap(pages)
         except BaseException:
-            with self.lock:  # nothing was given back: the pages stay mapped and empty
+            with self.lock:  # nothing was given back: the pages stay mapped
                 now = time.monotonic()
                 for p in pages:
                     self.page_state[p] = MAPPED
-                    self._empty_since[p] = now
+                    if self.held[p] == 0:
+                        self._empty_since[p] = now
                 self._cond.notify_all()
             raise
         with self.lock:
@@ -407,14 +407,9 @@ class VllmPages:
             self._cond.notify_all()
 
     def _unmap_now(self, pages: list[int]) -> None:
-        if not pages:
-            return
-        self.mapper.unmap(pages)
-        for p in pages:
-            self.page_state[p] = UNMAPPED
-            self._empty_since.pop(p, None)
-        self._num_mapped -= len(pages)
-        self._num_unmapped_total += len(pages)
+        """Unmap ``pages`` while the caller keeps holding the lock (limits, suspend, a
+        peer's pressure: rare, and they must be done when the call returns)."""
+        self._finish_unmap(self._begin_unmap(pages))
 
     def _deny(self, shortfall_bytes: int) -> None:
         self._num_denied += 1

@@ -48,13 +48,11 @@ def maintain(pages: VllmPages, now: float) -> None:
         except MemoryError:
             ok = False
         with pages.lock:
-            for p in wanted:
-                pages.page_state[p] = MAPPED if ok else UNMAPPED
-                if ok:
-                    pages._empty_since[p] = now
             if ok:
-                pages._num_mapped += len(wanted)
-                pages._num_mapped_total += len(wanted)
+                pages._record_mapped(wanted, now)
+            else:
+                for p in wanted:
+                    pages.page_state[p] = UNMAPPED
             pages._cond.notify_all()
     with pages.lock:
         pages._ahead.decay(now)
