@@ -119,8 +119,9 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
     next_step = t0
     admitted = finished = 0
 
-    def take(n: int) -> list[Any]:
+    def take(n: int, held: list[Any]) -> list[Any]:
         t = time.perf_counter()
+        pool.req_to_blocks, pool.allocating_for = {"r": held}, "r"  # as the patched allocate_slots does
         blocks = pool.get_new_blocks(n)
         take_us.append((time.perf_counter() - t) * 1e6)
         return blocks
@@ -132,7 +133,7 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
         while next_arrival <= now:
             prompt, output = next(sizes)
             req = Request(prompt + output, prompt)
-            req.blocks = take(-(-(prompt + 1) // BLOCK_TOKENS))
+            req.blocks = take(-(-(prompt + 1) // BLOCK_TOKENS), [])
             running.append(req)
             admitted += 1
             next_arrival = t0 + next(arrivals, float("inf"))
@@ -148,7 +149,7 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
                     finished += 1
                     continue
                 if req.tokens % BLOCK_TOKENS == 0:
-                    req.blocks += take(1)
+                    req.blocks += take(1, req.blocks)
                 still.append(req)
             running = still
             if kv is not None:

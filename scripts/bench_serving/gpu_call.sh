@@ -7,6 +7,7 @@
 #   bash scripts/bench_serving/gpu_call.sh overhead
 #   bash scripts/bench_serving/gpu_call.sh multi --config static
 #   bash scripts/bench_serving/gpu_call.sh multi --config kvcached
+#   STAGE=0 bash scripts/bench_serving/gpu_call.sh prepare   # build and model only (no run)
 #
 # Env: MODEL (/tmp/llama8b), KVCACHED_COMMIT (recorded in the JSON), STAGE=0 to skip staging.
 set -uo pipefail
@@ -31,6 +32,7 @@ fi
 [ -f "$MODEL/config.json" ] || python3 scripts/gpu/make_model.py "$MODEL" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
 echo "gpu_call: ready after $(( $(date +%s) - t0 )) s"
+[ "${1:-}" = prepare ] && exit 0
 mkdir -p /tmp/kvbench && cd /tmp/kvbench  # engines must import the installed kvcached, not $ROOT/kvcached
 python3 "$ROOT/scripts/bench_serving/run.py" "$@" --model "$MODEL" --out "$OUT" \
     --deadline-s "$(( ${CALL_LIMIT_S:-585} - ($(date +%s) - t0) ))"

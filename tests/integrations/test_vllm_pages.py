@@ -282,6 +282,25 @@ def test_packing_follows_the_budget_and_hands_out_surplus_cache_first(make):
         make(pack="sometimes")
 
 
+def test_a_request_gets_blocks_next_to_its_own_else_on_the_lowest_group_with_room(make):
+    pages, _ = make(idle_cache_bytes=2 * (2 * PAGE // BPP))  # keeps 2 cached blocks
+    pages.ensure_mapped([1, 2, 3, 4])  # page 4 stays empty: the reserve
+    pages.set_states(range(1, 64), USED)  # pages 0-3 full
+    pages.set_states([3, 5], FREE)  # page 0: two holes
+    pages.set_states([20, 21, 22, 23, 24], FREE)  # page 1: five
+    pages.set_states([40, 41], FREE)  # page 2: two free and three cached (one beyond the bound)
+    pages.set_states([42, 43, 44], CACHED)
+    assert placement.blocks_near(pages, 1, near=45) == [40]  # next to the request's last block
+    assert placement.blocks_near(pages, 4, near=45) == [40, 41, 42, 3]  # then a spare cached one, then the lowest room
+    assert placement.blocks_near(pages, 4, near=None) == [20, 21, 22, 23]  # page 1 fits all four
+    assert placement.blocks_near(pages, 9, near=None) == [20, 21, 22, 23, 24, 40, 41, 42, 3]  # roomiest first
+    assert placement.blocks_near(pages, 100, near=None) == [20, 21, 22, 23, 24, 40, 41, 42, 3, 5]  # never page 4
+    pages.set_states([3, 5, 20, 21, 22, 23, 24, 40, 41], USED)
+    pages.set_states([42, 43, 44], USED)
+    assert placement.blocks_near(pages, 1, near=45) == []  # full groups: vLLM's queue decides
+    pages.check_integrity()
+
+
 def test_usable_blocks_counts_mapped_room_under_the_limit_and_the_budget(make):
     room = {"bytes": None}
     pages, arena = make(budget_room=lambda: room["bytes"])

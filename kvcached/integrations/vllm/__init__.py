@@ -84,7 +84,9 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
     fair share, ``allocate_slots`` answers ``None`` for requests that are not running yet
     (they wait, as on a full cache); running requests keep growing. So a peak borrows
     idle engines' memory but gives it back as its requests finish once they need it.
-    A request refused for want of budget is what tells the other engines (``note_refused``)."""
+    A request refused for want of budget is what tells the other engines (``note_refused``).
+    It also tells the block pool whose blocks it is about to hand out (``allocating_for``,
+    a hint for placement: a stale one only moves where a block goes)."""
     from vllm.v1.request import RequestStatus
 
     manager_cls = module.KVCacheManager
@@ -100,6 +102,11 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
             return original(self, request, *args, **kwargs)
         if kv.share_blocks is not None and getattr(request, "status", None) != running and not kv.admits_new():
             return None
+        pool = self.block_pool
+        if pool.req_to_blocks is None:  # once: with one KV cache group, its requests' blocks
+            managers: tuple[Any, ...] = getattr(getattr(self, "coordinator", None), "single_type_managers", ())
+            pool.req_to_blocks = managers[0].req_to_blocks if len(managers) == 1 else {}
+        pool.allocating_for = request.request_id
         blocks = original(self, request, *args, **kwargs)
         if blocks is None:
             kv.note_refused()

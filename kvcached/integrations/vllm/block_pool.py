@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from vllm.v1.core.block_pool import BlockPool
@@ -39,6 +39,10 @@ class ElasticBlockPool(BlockPool):
         self.kv: VllmPages = runtime.make_pages(self.num_gpu_blocks, evict_cached=self._evict_cached)
         self.kv_lock = self.kv.lock
         self._head_page: int | None = -1  # page of the free queue's head when last prefetched for
+        # Set by the patched ``KVCacheManager.allocate_slots``: the request being allocated
+        # for, and where its blocks are listed. While packing, new ones go next to them.
+        self.allocating_for: str | None = None
+        self.req_to_blocks: Mapping[str, list[Any]] | None = None
 
     # -- capacity -------------------------------------------------------------------
 
@@ -53,6 +57,8 @@ class ElasticBlockPool(BlockPool):
         with self.kv_lock:
             if num_blocks > self.get_num_free_blocks():
                 raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
+            if placement.packs(self.kv):
+                self._place_near_request(num_blocks)
             self._map_upcoming(num_blocks)
             blocks = super().get_new_blocks(num_blocks)
             kv = self.kv
@@ -64,6 +70,15 @@ class ElasticBlockPool(BlockPool):
                 self._head_page = head_page
                 kv.want_prefetch(b.block_id for b in self._free_queue())
             return blocks
+
+    def _place_near_request(self, num_blocks: int) -> None:
+        """Move blocks next to the requesting request's own to the head of the queue
+        (:func:`~kvcached.integrations.vllm.placement.blocks_near`)."""
+        held = (self.req_to_blocks or {}).get(self.allocating_for or "")
+        near = held[-1].block_id if held else None
+        ids = placement.blocks_near(self.kv, num_blocks, near)
+        if ids:
+            self._to_front([self.blocks[i] for i in ids])
 
     def _map_upcoming(self, num_blocks: int) -> None:
         """Make the next ``num_blocks`` of vLLM's free queue sit on mapped pages.

@@ -194,6 +194,12 @@ class VllmPages:
         """Free and cached blocks on mapped page groups (no mapping needed to use them)."""
         return self._num_mapped * self.blocks_per_page - self._num_used - self._tail_blocks_on_mapped()
 
+    def num_blocks_on_held_pages(self) -> int:
+        """Free and cached blocks on mapped page groups that hold at least one block."""
+        empty = [p for p in self._empty_since if self.page_state[p] == MAPPED]
+        tail = self._tail_blocks if self.num_pages - 1 in empty else 0
+        return self.num_blocks_on_mapped_pages() - len(empty) * self.blocks_per_page + tail
+
     def ensure_mapped(self, pages: Sequence[int]) -> bool:
         """Map ``pages`` (waiting for any the prefetch thread is mapping). False, with
         nothing new mapped, when the limit or the device refuses."""

@@ -10,6 +10,12 @@ holds more than ``idle_cache_bytes``. What an engine maps then follows what it u
 groups empty as requests finish. With the budget full, blocks already on mapped groups
 are the only ones that can be handed out at all (:func:`free_blocks_on_mapped_pages`).
 
+While packing, each request's new blocks also go next to its own (:func:`blocks_near`):
+to the page group of its last block while that has room, else to the lowest group with
+room for all of them. Without it, a request admitted into a full cache takes whatever
+blocks were freed longest ago, one per group, and after a peak the last few requests hold
+a dozen groups with a few blocks each; kept together, their groups empty when they finish.
+
 Functions of a :class:`~kvcached.integrations.vllm.pages.VllmPages`, read under its lock;
 they only choose block ids and change nothing.
 """
@@ -24,7 +30,9 @@ from kvcached.integrations.vllm.states import CACHED, FREE, MAPPED
 if TYPE_CHECKING:
     from kvcached.integrations.vllm.pages import VllmPages
 
-__all__ = ["blocks_to_pack", "free_blocks_on_mapped_pages", "opens_page", "packs"]
+__all__ = ["blocks_near", "blocks_to_pack", "free_blocks_on_mapped_pages", "opens_page", "packs"]
+
+_FREE, _CACHED = bytes([FREE]), bytes([CACHED])
 
 
 def packs(pages: VllmPages) -> bool:
@@ -56,6 +64,62 @@ def blocks_to_pack(pages: VllmPages, n: int, include_empty: bool = True) -> list
         return []
     free, cached, empty = _blocks_on_mapped_pages(pages, n, excess, empty_is_free=False)
     return (free + cached + (empty if include_empty else []))[:n]
+
+
+def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
+    """Up to ``n`` blocks for one request on mapped page groups that hold other blocks:
+    first on the group of ``near`` (the request's last block; None for a new request),
+    then on the lowest group with room for all that remain, else the roomiest. Free
+    blocks first, then cached ones beyond ``idle_cache_bytes`` of prefix cache. Empty
+    groups are left to :func:`blocks_to_pack` (they stay trimmable). Fewer than ``n``
+    (or none) when the groups in use are full.
+
+    On the scheduler's path (every new block while packing): a decode block next to its
+    request's costs two ``bytearray.find`` calls; only a new request, or one whose group
+    is full, walks the groups."""
+    bpp, num_blocks, num_pages = pages.blocks_per_page, pages.num_blocks, pages.num_pages
+    page, state, held, cached_on = pages.page_state, pages.block_state, pages.held, pages.cached_on
+    spare_cached = 0
+    if pages.idle_cache_bytes is not None:
+        spare_cached = max(0, pages.num_cached - pages.idle_cache_bytes // pages.block_bytes)
+    if pages.num_blocks_on_held_pages() - pages.num_cached + spare_cached <= 0:
+        return []  # every group in use is full (the common case at a peak)
+    last_page, tail = num_pages - 1, num_pages * bpp - num_blocks
+    out: list[int] = []
+    tried: set[int] = set()
+
+    def take(p: int) -> None:
+        nonlocal spare_cached
+        tried.add(p)
+        lo, hi = p * bpp, min((p + 1) * bpp, num_blocks)
+        for byte, cap in ((_FREE, n), (_CACHED, spare_cached)):
+            found, i = 0, state.find(byte, lo, hi)
+            while i >= 0 and len(out) < n and found < cap:
+                out.append(i)
+                found += 1
+                i = state.find(byte, i + 1, hi)
+            if byte is _CACHED:
+                spare_cached -= found
+
+    if near is not None:
+        p = near // bpp
+        if page[p] == MAPPED:
+            take(p)
+    while len(out) < n:
+        need, best, best_room = n - len(out), -1, 0
+        for p in range(num_pages):
+            if page[p] != MAPPED or not held[p] or p in tried:
+                continue
+            room = bpp - held[p] + min(cached_on[p], spare_cached) - (tail if p == last_page else 0)
+            if room >= need:
+                best = p
+                break
+            if room > best_room:
+                best, best_room = p, room
+        if best < 0:
+            break
+        take(best)
+    return out
 
 
 def free_blocks_on_mapped_pages(pages: VllmPages, n: int) -> list[int]:

@@ -166,6 +166,49 @@ def test_on_a_shared_gpu_cached_blocks_go_out_before_a_new_page_is_mapped():
         kv.check_integrity()
 
 
+def test_on_a_shared_gpu_a_request_grows_on_its_own_page_group():
+    """Through vLLM's own KVCacheManager: while packing, a running request's next block goes
+    to the page group of its last one, a new request's prompt to the lowest group with room
+    for all of it — not to whatever blocks vLLM's free queue holds first."""
+    import torch
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.request import Request
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    config = KVCacheConfig(num_blocks=4096, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
+    manager = KVCacheManager(config, max_model_len=1 << 16, scheduler_block_size=16, hash_block_size=16, enable_caching=False)
+    pool = manager.block_pool
+    kv = pool.kv
+    kv.pack = "on"
+    bpp = kv.blocks_per_page
+    quarter = bpp // 4
+    assert quarter >= 2
+
+    def request(name: str, num_blocks: int) -> Request:
+        r = Request(name, list(range(16 * num_blocks)), SamplingParams(max_tokens=1 << 12), None)
+        assert manager.allocate_slots(r, 16 * num_blocks) is not None
+        r.num_computed_tokens = 16 * num_blocks
+        return r
+
+    def groups(r: Request) -> set[int]:
+        return {b // bpp for b in manager.get_block_ids(r.request_id)[0]}
+
+    first = request("first", bpp - 1)  # page group 0 full (block 0 is vLLM's null block)
+    quarters = [request(f"q{i}", quarter) for i in range(8)]  # groups 1 and 2, four requests each
+    for i in (4, 5, 0):  # two finish in group 2, then one in group 1: vLLM's queue head is in group 1
+        manager.free(quarters[i])
+    grower = quarters[6]
+    assert groups(grower) == {2}
+    assert manager.allocate_slots(grower, 1) is not None  # one token more: one block more
+    assert groups(grower) == {2}
+    newcomer = request("new", quarter + 1)  # only group 2 has room for all of it
+    assert groups(newcomer) == {2}
+    kv.check_integrity()
+    del first
+
+
 def test_the_page_after_the_one_in_use_is_mapped_ahead_so_the_scheduler_never_waits():
     import time
 
@@ -215,8 +258,8 @@ def test_over_its_share_new_requests_wait_and_running_ones_go_on():
             return None if num_new_tokens > 1000 else ["blocks"]
 
     integration._patch_kv_cache_manager(types.SimpleNamespace(KVCacheManager=Manager))
-    manager, running = Manager(), types.SimpleNamespace(status=RequestStatus.RUNNING)
-    waiting = types.SimpleNamespace(status=RequestStatus.WAITING)
+    manager, running = Manager(), types.SimpleNamespace(status=RequestStatus.RUNNING, request_id="running")
+    waiting = types.SimpleNamespace(status=RequestStatus.WAITING, request_id="waiting")
     held = pool.get_new_blocks(64)
     pool.kv.set_share_bytes(32 * pool.kv.block_bytes)  # a peer is short of memory; we hold 64 blocks
     assert manager.allocate_slots(waiting, 16) is None and calls == []  # waits, vLLM is not even asked
