@@ -9,8 +9,10 @@ kvcached's CUDA arena shaped like the 8B engine's (64 ranges of 2 MiB pages: one
 group is 128 MiB), first idles, then maps and unmaps ``--groups`` page groups in cycles.
 Both stamp with CLOCK_MONOTONIC, so the victim's steps can be sorted by what the aggressor
 was doing meanwhile: nothing (idle phase), between calls, mapping, or unmapping.
+``--same-process`` runs the aggressor as a thread of the victim's process instead, as an
+engine's own prefetch/trim thread is: one CUDA context for both.
 
-    python3 scripts/gpu/vmm_interference.py [--seconds 4] [--groups 4] [--size 4096] [--json out.json]
+    python3 scripts/gpu/vmm_interference.py [--seconds 4] [--groups 4] [--size 4096] [--same-process] [--json out.json]
 
 Needs a GPU and kvcached built with its CUDA backend.
 """
@@ -97,6 +99,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="length of the idle and of the active phase")
     ap.add_argument("--groups", type=int, default=4, help="page groups (128 MiB each) per map or unmap call")
     ap.add_argument("--size", type=int, default=4096, help="the victim's square bf16 matmul")
+    ap.add_argument("--same-process", action="store_true", help="the aggressor is a thread of the victim's process")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--role", choices=["main", "victim", "aggressor"], default="main", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -107,21 +110,37 @@ def main() -> int:
     if args.role == "aggressor":
         json.dump(aggressor(args.t0, args.seconds, args.seconds, args.groups), sys.stdout)
         return 0
-    t0 = time.monotonic() + 15.0  # both processes import torch / CUDA first
-    common = [sys.executable, __file__, "--seconds", str(args.seconds), "--groups", str(args.groups),
-              "--size", str(args.size), "--t0", str(t0)]
-    procs = [subprocess.Popen([*common, "--role", role], stdout=subprocess.PIPE, text=True) for role in ("victim", "aggressor")]
-    outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        print("a process failed:", [p.returncode for p in procs], file=sys.stderr)
-        return 1
-    steps = [tuple(s) for s in json.loads(outs[0]) if s[0] >= t0]
-    calls = [tuple(c) for c in json.loads(outs[1])]
+    if args.same_process:
+        import threading
+
+        import torch
+
+        torch.zeros(1, device="cuda")  # the context exists before the thread's first driver call
+        t0 = time.monotonic() + 5.0
+        calls_out: list[tuple[str, float, float]] = []
+        thread = threading.Thread(target=lambda: calls_out.extend(aggressor(t0, args.seconds, args.seconds, args.groups)))
+        thread.start()
+        time.sleep(max(0.0, t0 - time.monotonic()))
+        steps = victim(t0 + 2 * args.seconds, args.size)
+        thread.join()
+        calls = calls_out
+    else:
+        t0 = time.monotonic() + 15.0  # both processes import torch / CUDA first
+        common = [sys.executable, __file__, "--seconds", str(args.seconds), "--groups", str(args.groups),
+                  "--size", str(args.size), "--t0", str(t0)]
+        procs = [subprocess.Popen([*common, "--role", role], stdout=subprocess.PIPE, text=True) for role in ("victim", "aggressor")]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            print("a process failed:", [p.returncode for p in procs], file=sys.stderr)
+            return 1
+        steps = [(s[0], s[1]) for s in json.loads(outs[0]) if s[0] >= t0]
+        calls = [(c[0], c[1], c[2]) for c in json.loads(outs[1])]
     result = {
+        "same_process": args.same_process,
         "groups_per_call": args.groups,
         "group_bytes": RANGES * PAGE,
         "victim_matmul": args.size,
-        "victim_steps_ms": classify(steps, calls, t0 + args.seconds),  # type: ignore[arg-type]
+        "victim_steps_ms": classify(steps, calls, t0 + args.seconds),
         "aggressor_calls_ms": {k: ms_stats([e - s for kind, s, e in calls if kind == k]) for k in ("map", "unmap")},
     }
     print(json.dumps(result, indent=1))
