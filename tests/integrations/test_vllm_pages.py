@@ -342,7 +342,8 @@ def test_the_prefetch_looks_further_ahead_while_the_scheduler_maps_pages_itself(
     pages.check_integrity()
 
 
-def test_trimming_unmaps_outside_the_lock_and_hides_the_page_meanwhile(make):
+@pytest.mark.parametrize("give_back", ["idle trim", "a peer's pressure", "a lowered limit"])
+def test_giving_pages_back_unmaps_outside_the_lock_and_hides_the_pages_meanwhile(make, give_back):
     import threading
 
     pages, arena = make(trim_idle_s=0.0, reserve_pages=0)
@@ -363,9 +364,14 @@ def test_trimming_unmaps_outside_the_lock_and_hides_the_page_meanwhile(make):
 
     pages.ensure_mapped([1, 2])
     pages.set_states(range(16, 48), USED)
-    pages.set_states(range(16, 48), FREE)  # pages 1 and 2 empty: the next round trims them
+    pages.set_states(range(16, 48), FREE)  # pages 1 and 2 empty
     pages.mapper = slow = SlowUnmap()
-    trim = threading.Thread(target=pages.maintain)
+    action = {
+        "idle trim": pages.maintain,
+        "a peer's pressure": pages.trim_reserve,
+        "a lowered limit": lambda: pages.set_limit_bytes(pages.group_bytes),  # page group 0 only
+    }[give_back]
+    trim = threading.Thread(target=action)
     trim.start()
     assert slow.entered.wait(5)
     # The driver call is in progress; the scheduler's side still gets the lock at once,
@@ -381,7 +387,9 @@ def test_trimming_unmaps_outside_the_lock_and_hides_the_page_meanwhile(make):
     trim.join(5)
     assert arena.mapped_pages() == [0]
     assert pages.stats().num_pages_unmapped_total == 2
+    assert pages.limit_met
     pages.check_integrity()
+    pages.set_limit_bytes(None)
     assert pages.ensure_mapped([1])  # and the page can be mapped again
     assert arena.mapped_pages() == [0, 1]
 

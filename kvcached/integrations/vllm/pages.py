@@ -260,8 +260,9 @@ class VllmPages:
         with self.lock:
             self._limit_bytes = limit_bytes
             self._limit_pages = self.num_pages if limit_bytes is None else min(self.num_pages, limit_bytes // self.group_bytes)
-            upkeep.enforce_limit(self)
-            return self.limit_met
+            going = upkeep.enforce_limit(self)
+        self._finish_unmap(going)  # outside the lock (unless the caller holds it): the scheduler goes on
+        return self.limit_met
 
     @property
     def limit_met(self) -> bool:
@@ -276,9 +277,9 @@ class VllmPages:
         block, and unmap every empty page group now. Returns how many were unmapped."""
         with self.lock:
             upkeep.evict_cold_pages(self, 0, float("inf"))
-            pages = self._empty_pages(self.num_pages, include_reserve=True)
-            self._unmap_now(pages)
-            return len(pages)
+            going = self._begin_unmap(self._empty_pages(self.num_pages, include_reserve=True))
+        self._finish_unmap(going)  # outside the lock, as the idle trim
+        return len(going)
 
     def maintain(self, now: float | None = None) -> None:
         """One round of the background thread's work (:func:`upkeep.maintain`)."""
@@ -413,8 +414,8 @@ class VllmPages:
             self._cond.notify_all()
 
     def _unmap_now(self, pages: list[int]) -> None:
-        """Unmap ``pages`` while the caller keeps holding the lock (limits, suspend, a
-        peer's pressure: rare, and they must be done when the call returns)."""
+        """Unmap ``pages`` while the caller keeps holding the lock (suspend: the engine
+        sleeps, no scheduler step waits)."""
         self._finish_unmap(self._begin_unmap(pages))
 
     def _deny(self, shortfall_bytes: int) -> None:

@@ -8,7 +8,8 @@ memory returns after a peak while the engine still serves; and unmaps page group
 for ``trim_idle_s``, keeping the reserve (the first of the pages ahead, so the next
 request after a pause finds its page mapped).
 A limit lowered from the control plane gives page groups back the same way, at once
-(:func:`enforce_limit`).
+(:func:`enforce_limit`); so does a peer's pressure (``VllmPages.trim_reserve``). Every
+unmap runs outside the lock, on groups marked ``UNMAPPING``.
 
 Functions of a :class:`~kvcached.integrations.vllm.pages.VllmPages`, which owns the
 state and starts the thread.
@@ -73,15 +74,17 @@ def maintain(pages: VllmPages, now: float) -> None:
     pages._finish_unmap(going)
 
 
-def enforce_limit(pages: VllmPages) -> None:
-    """Unmap page groups until the limit holds: empty ones first, then those whose only
-    holders are cached blocks (evicted first). Used blocks are never touched: if they alone
-    exceed the limit it stays unmet (``limit_met``) until they are freed."""
+def enforce_limit(pages: VllmPages) -> list[int]:
+    """Under the lock: pick the page groups to unmap until the limit holds — empty ones
+    first, then those whose only holders are cached blocks (evicted now) — and mark them
+    ``UNMAPPING``. Returns them for :meth:`VllmPages._finish_unmap`, which the caller runs
+    once it released the lock. Used blocks are never touched: if they alone exceed the
+    limit it stays unmet (``limit_met``) until they are freed."""
     excess = pages._num_mapped - pages._limit_pages
     if excess <= 0:
-        return
-    pages._unmap_now(pages._empty_pages(excess, include_reserve=True))
-    excess = pages._num_mapped - pages._limit_pages
+        return []
+    going = pages._begin_unmap(pages._empty_pages(excess, include_reserve=True))
+    excess -= len(going)
     if excess > 0 and pages.evict_cached is not None:
         # Pages whose only holders are cached blocks: evict those, then unmap.
         victims = [p for p in range(pages.num_pages) if pages.page_state[p] == MAPPED and p != 0
@@ -92,7 +95,8 @@ def enforce_limit(pages: VllmPages) -> None:
                    if pages.block_state[b] == CACHED]
             pages.evict_cached(ids)
             pages._num_evicted += len(ids)
-            pages._unmap_now(pages._empty_pages(excess, include_reserve=True))
+            going += pages._begin_unmap(pages._empty_pages(excess, include_reserve=True))
+    return going
 
 
 def evict_cold_pages(pages: VllmPages, keep_bytes: int, cold_before: float) -> None:
