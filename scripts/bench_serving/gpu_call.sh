@@ -9,7 +9,9 @@
 #   bash scripts/bench_serving/gpu_call.sh multi --config kvcached
 #   STAGE=0 bash scripts/bench_serving/gpu_call.sh prepare   # build and model only (no run)
 #
-# Env: MODEL (/tmp/llama8b), KVCACHED_COMMIT (recorded in the JSON), STAGE=0 to skip staging.
+# Env: MODEL (/tmp/llama8b), KVCACHED_COMMIT (recorded in the JSON: write the hash in the
+# command as sent from here; `git rev-parse` on the device reads the copy's git metadata,
+# which can lag the tree: 63fad2a's runs recorded 616f1e8), STAGE=0 to skip staging.
 set -uo pipefail
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
