@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,11 +57,35 @@ def ratio(a: float | None, b: float | None) -> str:
     return "–" if not a or not b else f"{a / b:.2f}×"
 
 
+def p99_gain_interval(static_run: dict[str, Any], elastic_run: dict[str, Any], resamples: int = 2000) -> tuple[float, float] | None:
+    """A 95% interval for the TTFT p99 gain (static p99 / kvcached p99), by a paired
+    bootstrap: both runs sent the same requests (same seed), so each resample draws request
+    indices with replacement and takes both configurations' TTFTs of those requests. None
+    when the runs do not pair up."""
+    s = {r["idx"]: r["ttft_s"] for r in static_run.get("results", ()) if r.get("ok")}
+    k = {r["idx"]: r["ttft_s"] for r in elastic_run.get("results", ()) if r.get("ok")}
+    idx = sorted(s.keys() & k.keys())
+    if len(idx) < 100:
+        return None
+    rng = random.Random(0)
+
+    def p99(values: list[float]) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[98]  # numpy's linear p99
+
+    gains = []
+    for _ in range(resamples):
+        draw = rng.choices(idx, k=len(idx))
+        gains.append(p99([s[i] for i in draw]) / p99([k[i] for i in draw]))
+    gains.sort()
+    return gains[int(0.025 * resamples)], gains[int(0.975 * resamples) - 1]
+
+
 def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, Any]]) -> str:
     rows = [
         "| kvcached run | lengths | peak req/s | requests | TTFT mean static / kvcached (ms) "
-        "| TTFT p99 static / kvcached (ms) | p99 gain | TPOT mean static / kvcached (ms) | tok/s static / kvcached |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFT p99 static / kvcached (ms) | p99 gain | 95% interval | TPOT mean static / kvcached (ms) "
+        "| tok/s static / kvcached |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     pairs = {(r["kind"], peak_rate(r)): r for r in static}
     elastic = [r for runs in elastic_sets for r in runs]
@@ -68,10 +94,12 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
         if key not in pairs:
             continue
         s, k = pairs[key]["summary"], run["summary"]
+        interval = p99_gain_interval(pairs[key], run) if pairs[key].get("seed") == run.get("seed") else None
         rows.append(
             f"| {run['meta']['config']} @ {run['meta'].get('commit', '')} | {run['kind']} | {key[1]:g} | {k['count']} "
             f"| {ms(s['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} "
             f"| {ms(s['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} | {ratio(s['ttft_p99_s'], k['ttft_p99_s'])} "
+            f"| {'–' if interval is None else f'{interval[0]:.2f}–{interval[1]:.2f}×'} "
             f"| {ms(s['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} "
             f"| {s['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} |"
         )
