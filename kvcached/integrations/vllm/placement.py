@@ -69,7 +69,7 @@ def blocks_to_pack(pages: VllmPages, n: int, include_empty: bool = True) -> list
 def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
     """Up to ``n`` blocks for one request on mapped page groups that hold other blocks:
     first on the group of ``near`` (the request's last block; None for a new request),
-    then on the lowest group with room for all that remain, else the roomiest. Free
+    then on the lowest group with room for all that remain, else the roomiest ones. Free
     blocks first, then cached ones beyond ``idle_cache_bytes`` of prefix cache. Empty
     groups are left to :func:`blocks_to_pack` (they stay trimmable). Fewer than ``n``
     (or none) when the groups in use are full.
@@ -92,33 +92,30 @@ def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
         nonlocal spare_cached
         tried.add(p)
         lo, hi = p * bpp, min((p + 1) * bpp, num_blocks)
-        for byte, cap in ((_FREE, n), (_CACHED, spare_cached)):
-            found, i = 0, state.find(byte, lo, hi)
-            while i >= 0 and len(out) < n and found < cap:
-                out.append(i)
-                found += 1
-                i = state.find(byte, i + 1, hi)
-            if byte is _CACHED:
-                spare_cached -= found
+        out.extend(_ids_in(state, _FREE, lo, hi, n - len(out)))
+        if len(out) < n and spare_cached and cached_on[p]:
+            cached = _ids_in(state, _CACHED, lo, hi, min(n - len(out), spare_cached))
+            spare_cached -= len(cached)
+            out.extend(cached)
 
     if near is not None:
         p = near // bpp
         if page[p] == MAPPED:
             take(p)
-    while len(out) < n:
-        need, best, best_room = n - len(out), -1, 0
-        for p in range(num_pages):
-            if page[p] != MAPPED or not held[p] or p in tried:
-                continue
-            room = bpp - held[p] + min(cached_on[p], spare_cached) - (tail if p == last_page else 0)
-            if room >= need:
-                best = p
-                break
-            if room > best_room:
-                best, best_room = p, room
-        if best < 0:
+    if len(out) == n:
+        return out
+    # One pass over the groups for their room (cached blocks counted up to the spare).
+    rooms = [
+        (p, bpp - h + (c if c < spare_cached else spare_cached) - (tail if p == last_page else 0))
+        for p, (mapping, h, c) in enumerate(zip(page, held, cached_on, strict=True))
+        if mapping == MAPPED and h and p not in tried
+    ]
+    need = n - len(out)
+    fits = next((p for p, r in rooms if r >= need), None)
+    for p in [fits] if fits is not None else [p for p, r in sorted(rooms, key=lambda pr: -pr[1]) if r > 0]:
+        take(p)
+        if len(out) == n:
             break
-        take(best)
     return out
 
 
@@ -141,19 +138,30 @@ def _blocks_on_mapped_pages(
     free: list[int] = []
     cached: list[int] = []
     empty: list[int] = []
-    for p in range(pages.num_pages):
-        if page[p] != MAPPED or held[p] - cached_on[p] == bpp:
+    for p, (mapping, h, c) in enumerate(zip(page, held, cached_on, strict=True)):
+        if mapping != MAPPED or h - c == bpp:
             continue
-        ids = range(p * bpp, min((p + 1) * bpp, num_blocks))
-        if held[p] == 0:
+        lo, hi = p * bpp, min((p + 1) * bpp, num_blocks)
+        if h == 0:
             if len(empty) < n:
-                empty.extend(ids)
+                empty.extend(range(lo, hi))
         else:
-            for b in ids:
-                if state[b] == FREE:
-                    free.append(b)
-                elif state[b] == CACHED and len(cached) < max_cached:
-                    cached.append(b)
+            free.extend(_ids_in(state, _FREE, lo, hi, bpp))
+            if c and len(cached) < max_cached:
+                cached.extend(_ids_in(state, _CACHED, lo, hi, max_cached - len(cached)))
         if len(free) + (len(empty) if empty_is_free else 0) >= n:
             break
     return free, cached, empty
+
+
+def _ids_in(state: bytearray, byte: bytes, lo: int, hi: int, limit: int) -> list[int]:
+    """Up to ``limit`` block ids in ``[lo, hi)`` whose state is ``byte``, ascending (the
+    scan is ``bytearray.find``'s, in C: this runs on the scheduler's path)."""
+    out: list[int] = []
+    i = state.find(byte, lo, hi) if limit > 0 else -1
+    while i >= 0:
+        out.append(i)
+        if len(out) == limit:
+            break
+        i = state.find(byte, i + 1, hi)
+    return out
