@@ -10,7 +10,11 @@ before vLLM hands it out and returns page groups whose blocks are all free.
 Capacity is reported through ``get_num_free_blocks()``: vLLM's count, capped by what the
 limit (and the GPU budget) lets us map. ``KVCacheManager.allocate_slots`` compares it
 with what a request needs and answers ``None`` — the request waits — instead of calling
-``get_new_blocks`` beyond it, so pressure is never an exception in the engine.
+``get_new_blocks`` beyond it, so pressure is never an exception in the engine. vLLM's
+usage gauge (``kv_cache_usage_perc``) derives from the same count, so it reads how much of
+its cache the engine cannot take now: its own requests' blocks, and under a limit or a
+GPU budget what those leave it no room for (what a router or autoscaler needs to know).
+``reset_prefix_cache`` alone checks "all blocks free" against vLLM's uncapped count.
 
 Imported only after ``vllm.v1.core.block_pool`` exists (by the post-import hook).
 """
@@ -139,8 +143,15 @@ class ElasticBlockPool(BlockPool):
             self._resync(self.blocks[i] for i in block_ids)
 
     def reset_prefix_cache(self) -> bool:
+        # vLLM refuses unless every block but the null one is free by *its* count; ours is
+        # capped by the limit and the budget, so it would refuse on every limited engine.
+        # Under the lock no scheduler step runs, so vLLM's count may stand in meanwhile.
         with self.kv_lock:
-            ok = super().reset_prefix_cache()
+            self.get_num_free_blocks = super().get_num_free_blocks  # type: ignore[method-assign]
+            try:
+                ok = super().reset_prefix_cache()
+            finally:
+                del self.get_num_free_blocks
             if ok:
                 self._resync(self.blocks)
             return ok

@@ -138,6 +138,24 @@ def cache(pool, blocks) -> None:
         pool.cached_block_hash_to_block.insert(key, block)
 
 
+def test_the_prefix_cache_resets_under_a_limit():
+    pool = new_pool()
+    kv = pool.kv
+    kv.set_limit_bytes(4 * kv.group_bytes)  # capacity capped well below vLLM's own free count
+    blocks = pool.get_new_blocks(10)
+    cache(pool, blocks)
+    pool.free_blocks(reversed(blocks))
+    assert pool.get_num_free_blocks() < pool.num_gpu_blocks - 1  # what the scheduler sees
+    assert kv.num_cached == 10
+    assert pool.reset_prefix_cache()  # idle: every block is free by vLLM's count
+    assert kv.num_cached == 0 and all(b.block_hash is None for b in blocks)
+    assert pool.get_num_free_blocks() < pool.num_gpu_blocks - 1  # the cap is back
+    held = pool.get_new_blocks(1)
+    assert not pool.reset_prefix_cache()  # a block in use: refused, as vLLM does
+    pool.free_blocks(held)
+    kv.check_integrity()
+
+
 def test_on_a_shared_gpu_cached_blocks_go_out_before_a_new_page_is_mapped():
     import time
 
