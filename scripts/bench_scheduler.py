@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 BLOCK_TOKENS = 16
+PREFIX_TOKENS = 128
 HOST_PAGE = 64 << 10
 
 
@@ -43,11 +44,15 @@ def register_arena(num_blocks: int, blocks_per_page: int) -> None:
     runtime.register_worker_kv(runtime.WorkerKV(arena, backend, num_blocks, blocks_per_page, block_bytes, "bench"))
 
 
-def measure(mode: str, running: int, steps: int, num_blocks: int, blocks_per_page: int) -> dict[str, Any]:
+def measure(mode: str, running: int, steps: int, num_blocks: int, blocks_per_page: int, prefixes: int = 0) -> dict[str, Any]:
     if mode == "kvcached":
         from kvcached.integrations.vllm import testing  # noqa: F401  (arms the patches)
 
         register_arena(num_blocks, blocks_per_page)
+        if os.environ.get("BENCH_NO_NEAR") == "1":  # ablation: packing without keeping a request's blocks together
+            from kvcached.integrations.vllm import placement
+
+            placement.blocks_near = lambda *args: []
     import numpy as np
     from tests.v1.core.utils import create_scheduler
     from vllm.sampling_params import SamplingParams
@@ -72,12 +77,28 @@ def measure(mode: str, running: int, steps: int, num_blocks: int, blocks_per_pag
     params.update_from_generation_config({}, 2)
     rng = np.random.default_rng(running)
     serial = 0
+    # --prefixes K: every prompt starts with one of K shared 128-token prefixes (a system
+    # prompt), so the prefix cache's eviction order shows in its hit rate.
+    shared = [rng.integers(1000, 30000, PREFIX_TOKENS).tolist() for _ in range(prefixes)]
+    lookups = {"requests": 0, "tokens": 0, "hits": 0}
+
+    def record(request: Any, num_hits: int) -> None:  # what vLLM reports per admitted request
+        lookups["requests"] += 1
+        lookups["tokens"] += request.num_tokens
+        lookups["hits"] += num_hits
+
+    if prefixes:
+        sched.kv_cache_manager.record_prefix_cache_stats = record
 
     def add(n: int) -> None:
         # distinct random prompts: no prefix-cache hits, as with the serving benchmark's
         nonlocal serial
         for _ in range(n):
-            prompt = rng.integers(1000, 30000, 256).tolist()
+            if shared:
+                head = shared[int(rng.integers(len(shared)))]
+                prompt = head + rng.integers(1000, 30000, 256 - len(head)).tolist()
+            else:
+                prompt = rng.integers(1000, 30000, 256).tolist()
             sched.add_request(Request(f"r{serial}", prompt, params, None, block_hasher=hasher))
             serial += 1
 
@@ -126,6 +147,10 @@ def measure(mode: str, running: int, steps: int, num_blocks: int, blocks_per_pag
         "step_ms_p99": round(sorted(steady)[int(0.99 * (len(steady) - 1))] * 1e3, 3),
         "step_cpu_ms_mean": round(statistics.mean(steady_cpu) * 1e3, 3),
     }
+    if prefixes:
+        res["prefixes"] = prefixes
+        res["prefix_hit_rate"] = round(lookups["hits"] / max(1, lookups["tokens"]), 4)
+        res["prefix_lookups"] = lookups["requests"]
     if mode == "kvcached":
         stats = pool.kv.stats()
         from kvcached.integrations.vllm import runtime
@@ -146,13 +171,14 @@ def main() -> int:
     ap.add_argument("--num-blocks", type=int, default=64 * 1024, help="8B on an H200 at 0.9: ~64k blocks")
     ap.add_argument("--blocks-per-page", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each configuration")
+    ap.add_argument("--prefixes", type=int, default=0, help="shared 128-token prompt prefixes (0: distinct prompts)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: mode:running in this process
     args = ap.parse_args()
     sys.path.insert(0, args.vllm_tests)
     if args.one:
         mode, running = args.one.split(":")
-        print(json.dumps(measure(mode, int(running), args.steps, args.num_blocks, args.blocks_per_page)), flush=True)
+        print(json.dumps(measure(mode, int(running), args.steps, args.num_blocks, args.blocks_per_page, args.prefixes)), flush=True)
         return 0
     results = []
     for running in (int(r) for r in args.running.split(",")):
@@ -160,7 +186,7 @@ def main() -> int:
             for mode in ("vanilla", "kvcached"):
                 cmd = [sys.executable, __file__, "--vllm-tests", args.vllm_tests, "--steps", str(args.steps),
                        "--num-blocks", str(args.num_blocks), "--blocks-per-page", str(args.blocks_per_page),
-                       "--one", f"{mode}:{running}"]
+                       "--prefixes", str(args.prefixes), "--one", f"{mode}:{running}"]
                 line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 results.append(json.loads(line))
                 print(line, flush=True)
