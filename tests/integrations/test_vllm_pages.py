@@ -301,6 +301,19 @@ def test_a_request_gets_blocks_next_to_its_own_else_on_the_lowest_group_with_roo
     pages.check_integrity()
 
 
+def test_packing_keeps_cached_blocks_a_prefix_hit_reused(make):
+    pages, _ = make(idle_cache_bytes=0, pack="on")  # every cached block is beyond the bound
+    pages.ensure_mapped([1, 2])
+    pages.set_states(range(1, 48), USED)
+    pages.set_states(range(20, 28), CACHED)
+    for b in (20, 21, 22, 23):
+        pages.reused[b] = 1  # a shared prefix: a later request hit these
+    assert placement.blocks_to_pack(pages, 100) == [24, 25, 26, 27]
+    assert placement.blocks_near(pages, 8, near=30) == [24, 25, 26, 27]
+    assert placement.free_blocks_on_mapped_pages(pages, 100) == list(range(20, 28))  # budget full: any will do
+    pages.check_integrity()
+
+
 def test_usable_blocks_counts_mapped_room_under_the_limit_and_the_budget(make):
     room = {"bytes": None}
     pages, arena = make(budget_room=lambda: room["bytes"])

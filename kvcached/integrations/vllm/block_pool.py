@@ -67,6 +67,9 @@ class ElasticBlockPool(BlockPool):
             blocks = super().get_new_blocks(num_blocks)
             kv = self.kv
             kv.set_states((b.block_id for b in blocks), USED)
+            reused = kv.reused
+            for b in blocks:
+                reused[b.block_id] = 0  # new contents: no prefix has been hit on it yet
             head = self.free_block_queue.fake_free_list_head.next_free_block
             head_page = None if head is None or head.block_id < 0 else head.block_id // kv.blocks_per_page
             # The pages ahead change when the head's page does, or when idle trimming took one.
@@ -125,9 +128,13 @@ class ElasticBlockPool(BlockPool):
             kv.wait(0.005)
 
     def touch(self, blocks: Sequence[Any]) -> None:
+        # vLLM touches the blocks a new request found in the prefix cache: they are reused.
         with self.kv_lock:
             super().touch(blocks)
-            self._resync(blocks)
+            ids = self._resync(blocks)
+            reused = self.kv.reused
+            for block_id in ids:
+                reused[block_id] = 1
 
     def free_blocks(self, ordered_blocks: Iterable[Any]) -> None:
         with self.kv_lock:
@@ -207,7 +214,8 @@ class ElasticBlockPool(BlockPool):
             return CACHED
         return FREE
 
-    def _resync(self, blocks: Iterable[Any]) -> None:
+    def _resync(self, blocks: Iterable[Any]) -> list[int]:
+        """Record the states of ``blocks`` (this pool's, not the null block); their ids."""
         # One set_states call per state, not per block: free_blocks is on the scheduler's path.
         by_state: dict[int, list[int]] = {FREE: [], USED: [], CACHED: []}
         pool_blocks, num = self.blocks, self.num_gpu_blocks
@@ -219,6 +227,7 @@ class ElasticBlockPool(BlockPool):
         for state, ids in by_state.items():
             if ids:
                 self.kv.set_states(ids, state)
+        return by_state[FREE] + by_state[USED] + by_state[CACHED]
 
     def _evict_cached(self, block_ids: list[int]) -> None:
         # Called by VllmPages under kv_lock when a limit needs these blocks' pages.

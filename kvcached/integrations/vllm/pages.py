@@ -107,6 +107,9 @@ class VllmPages:
         self.page_state = bytearray(self.num_pages)  # mapping state
         self.held = [0] * self.num_pages  # used + cached blocks per page
         self.cached_on = [0] * self.num_pages
+        # 1: a prefix-cache hit reused the block's contents since it was last handed out.
+        # Packing never evicts those (placement): a shared prefix is worth its page group.
+        self.reused = bytearray(num_blocks)
         self._empty_since: dict[int, float] = {}  # mapped pages with no held block
         self._cold_since: dict[int, float] = {}  # pages whose held blocks are all cached
         self._prefetch: list[int] = []

@@ -85,6 +85,7 @@ def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
     if pages.num_blocks_on_held_pages() - pages.num_cached + spare_cached <= 0:
         return []  # every group in use is full (the common case at a peak)
     last_page, tail = num_pages - 1, num_pages * bpp - num_blocks
+    reused = pages.reused
     out: list[int] = []
     tried: set[int] = set()
 
@@ -94,7 +95,8 @@ def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
         lo, hi = p * bpp, min((p + 1) * bpp, num_blocks)
         out.extend(_ids_in(state, _FREE, lo, hi, n - len(out)))
         if len(out) < n and spare_cached and cached_on[p]:
-            cached = _ids_in(state, _CACHED, lo, hi, min(n - len(out), spare_cached))
+            cached = [b for b in _ids_in(state, _CACHED, lo, hi, bpp) if not reused[b]]
+            cached = cached[: min(n - len(out), spare_cached)]
             spare_cached -= len(cached)
             out.extend(cached)
 
@@ -134,7 +136,8 @@ def _blocks_on_mapped_pages(
     of groups holding none (whole groups, until there are ``n``). The scan stops once
     there are ``n`` free blocks (counting those of empty groups if ``empty_is_free``)."""
     bpp, num_blocks = pages.blocks_per_page, pages.num_blocks
-    page, state, held, cached_on = pages.page_state, pages.block_state, pages.held, pages.cached_on
+    page, state, held, cached_on, reused = pages.page_state, pages.block_state, pages.held, pages.cached_on, pages.reused
+    any_cached = max_cached >= pages.num_blocks  # the budget is full: any cached block will do
     free: list[int] = []
     cached: list[int] = []
     empty: list[int] = []
@@ -148,7 +151,10 @@ def _blocks_on_mapped_pages(
         else:
             free.extend(_ids_in(state, _FREE, lo, hi, bpp))
             if c and len(cached) < max_cached:
-                cached.extend(_ids_in(state, _CACHED, lo, hi, max_cached - len(cached)))
+                ids = _ids_in(state, _CACHED, lo, hi, bpp)
+                if not any_cached:
+                    ids = [b for b in ids if not reused[b]]  # keep the prefixes that were hit
+                cached.extend(ids[: max_cached - len(cached)])
         if len(free) + (len(empty) if empty_is_free else 0) >= n:
             break
     return free, cached, empty

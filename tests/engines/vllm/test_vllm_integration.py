@@ -227,6 +227,23 @@ def test_on_a_shared_gpu_a_request_grows_on_its_own_page_group():
     del first
 
 
+def test_packing_evicts_one_off_cache_before_a_prefix_that_was_hit():
+    pool = new_pool()
+    kv = pool.kv
+    kv.pack, kv.idle_cache_bytes = "on", 0  # a shared GPU; no prefix cache kept for its own sake
+    bpp = kv.blocks_per_page
+    first = pool.get_new_blocks(2 * bpp - 1)  # page groups 0 and 1 full
+    cache(pool, first)
+    prefix, others = first[:8], first[8:]
+    pool.free_blocks(reversed(first))  # all cached; vLLM's queue holds the prefix first (LRU)
+    pool.touch(prefix)  # a new request hits the prefix ...
+    pool.free_blocks(reversed(prefix))  # ... and finishes
+    again = pool.get_new_blocks(len(others))  # as many as there are one-off cached blocks
+    assert {b.block_id for b in again} == {b.block_id for b in others}
+    assert all(b.block_hash is not None for b in prefix)  # the prefix is still cached
+    kv.check_integrity()
+
+
 def test_the_page_after_the_one_in_use_is_mapped_ahead_so_the_scheduler_never_waits():
     import time
 
