@@ -16,6 +16,10 @@ room for all of them. Without it, a request admitted into a full cache takes wha
 blocks were freed longest ago, one per group, and after a peak the last few requests hold
 a dozen groups with a few blocks each; kept together, their groups empty when they finish.
 
+Packing picks cached blocks by group, not in vLLM's least-recently-used order, so it never
+takes one a prefix hit reused (``VllmPages.reused``): shared prompts stay cached while the
+one-off tails and generated tokens, most of the cache, are reused in place.
+
 Functions of a :class:`~kvcached.integrations.vllm.pages.VllmPages`, read under its lock;
 they only choose block ids and change nothing.
 """
