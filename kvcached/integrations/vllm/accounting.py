@@ -22,7 +22,7 @@ def stats(pages: VllmPages) -> PoolStats:
     with pages.lock:
         bb, gb = pages.block_bytes, pages.group_bytes
         num_free_mapped = pages.num_blocks_on_mapped_pages() - pages.num_cached
-        reserve = sum(1 for p in pages._empty_since if pages.page_state[p] == MAPPED)
+        reserve = len(pages.mapped_empty_pages())
         return PoolStats(
             used_bytes=(pages._num_used - 1) * bb, cached_bytes=pages.num_cached * bb,
             free_bytes=num_free_mapped * bb, reserve_bytes=reserve * gb,

@@ -131,9 +131,8 @@ class ElasticBlockPool(BlockPool):
         # vLLM touches the blocks a new request found in the prefix cache: they are reused.
         with self.kv_lock:
             super().touch(blocks)
-            ids = self._resync(blocks)
             reused = self.kv.reused
-            for block_id in ids:
+            for block_id in self._resync(blocks)[USED]:  # touched: all in use now
                 reused[block_id] = 1
 
     def free_blocks(self, ordered_blocks: Iterable[Any]) -> None:
@@ -214,8 +213,8 @@ class ElasticBlockPool(BlockPool):
             return CACHED
         return FREE
 
-    def _resync(self, blocks: Iterable[Any]) -> list[int]:
-        """Record the states of ``blocks`` (this pool's, not the null block); their ids."""
+    def _resync(self, blocks: Iterable[Any]) -> dict[int, list[int]]:
+        """Record the states of ``blocks`` (this pool's, not the null block); their ids by state."""
         # One set_states call per state, not per block: free_blocks is on the scheduler's path.
         by_state: dict[int, list[int]] = {FREE: [], USED: [], CACHED: []}
         pool_blocks, num = self.blocks, self.num_gpu_blocks
@@ -227,7 +226,7 @@ class ElasticBlockPool(BlockPool):
         for state, ids in by_state.items():
             if ids:
                 self.kv.set_states(ids, state)
-        return by_state[FREE] + by_state[USED] + by_state[CACHED]
+        return by_state
 
     def _evict_cached(self, block_ids: list[int]) -> None:
         # Called by VllmPages under kv_lock when a limit needs these blocks' pages.

@@ -197,9 +197,13 @@ class VllmPages:
         """Free and cached blocks on mapped page groups (no mapping needed to use them)."""
         return self._num_mapped * self.blocks_per_page - self._num_used - self._tail_blocks_on_mapped()
 
+    def mapped_empty_pages(self) -> list[int]:
+        """Mapped page groups holding no block (the reserve, and groups waiting for trim)."""
+        return [p for p in self._empty_since if self.page_state[p] == MAPPED]
+
     def num_blocks_on_held_pages(self) -> int:
         """Free and cached blocks on mapped page groups that hold at least one block."""
-        empty = [p for p in self._empty_since if self.page_state[p] == MAPPED]
+        empty = self.mapped_empty_pages()
         tail = self._tail_blocks if self.num_pages - 1 in empty else 0
         return self.num_blocks_on_mapped_pages() - len(empty) * self.blocks_per_page + tail
 
@@ -368,7 +372,7 @@ class VllmPages:
                 cold.pop(p, None)
 
     def _empty_pages(self, n: int, include_reserve: bool) -> list[int]:
-        pages = sorted((p for p in self._empty_since if self.page_state[p] == MAPPED), key=lambda p: -p)
+        pages = sorted(self.mapped_empty_pages(), reverse=True)
         if not include_reserve:
             pages = pages[self.reserve_pages:]
         return pages[:n]

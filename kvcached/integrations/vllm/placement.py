@@ -60,13 +60,10 @@ def blocks_to_pack(pages: VllmPages, n: int, include_empty: bool = True) -> list
     ``idle_cache_bytes`` of prefix cache (none when that is None), then (with
     ``include_empty``) the blocks of empty mapped groups, which stay trimmable as long
     as possible."""
-    num_cached = pages.num_cached
-    excess = 0
-    if pages.idle_cache_bytes is not None:
-        excess = max(0, num_cached - pages.idle_cache_bytes // pages.block_bytes)
-    if pages.num_blocks_on_mapped_pages() - num_cached <= 0 and excess == 0:
+    excess = _spare_cached(pages)
+    if pages.num_blocks_on_mapped_pages() - pages.num_cached <= 0 and excess == 0:
         return []
-    free, cached, empty = _blocks_on_mapped_pages(pages, n, excess, empty_is_free=False)
+    free, cached, empty = _blocks_on_mapped_pages(pages, n, excess, empty_is_free=False, keep_reused=True)
     return (free + cached + (empty if include_empty else []))[:n]
 
 
@@ -83,9 +80,7 @@ def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
     is full, walks the groups."""
     bpp, num_blocks, num_pages = pages.blocks_per_page, pages.num_blocks, pages.num_pages
     page, state, held, cached_on = pages.page_state, pages.block_state, pages.held, pages.cached_on
-    spare_cached = 0
-    if pages.idle_cache_bytes is not None:
-        spare_cached = max(0, pages.num_cached - pages.idle_cache_bytes // pages.block_bytes)
+    spare_cached = _spare_cached(pages)
     if pages.num_blocks_on_held_pages() - pages.num_cached + spare_cached <= 0:
         return []  # every group in use is full (the common case at a peak)
     last_page, tail = num_pages - 1, num_pages * bpp - num_blocks
@@ -99,8 +94,7 @@ def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
         lo, hi = p * bpp, min((p + 1) * bpp, num_blocks)
         out.extend(_ids_in(state, _FREE, lo, hi, n - len(out)))
         if len(out) < n and spare_cached and cached_on[p]:
-            cached = [b for b in _ids_in(state, _CACHED, lo, hi, bpp) if not reused[b]]
-            cached = cached[: min(n - len(out), spare_cached)]
+            cached = _evictable(state, reused, lo, hi)[: min(n - len(out), spare_cached)]
             spare_cached -= len(cached)
             out.extend(cached)
 
@@ -128,20 +122,20 @@ def blocks_near(pages: VllmPages, n: int, near: int | None) -> list[int]:
 def free_blocks_on_mapped_pages(pages: VllmPages, n: int) -> list[int]:
     """Up to ``n`` block ids that need no mapping: free blocks on mapped page groups
     first, then cached ones (handing those out evicts their prefix-cache entry)."""
-    free, cached, empty = _blocks_on_mapped_pages(pages, n, pages.num_blocks, empty_is_free=True)
+    free, cached, empty = _blocks_on_mapped_pages(pages, n, pages.num_blocks, empty_is_free=True, keep_reused=False)
     return (sorted(free + empty) + cached)[:n]  # ids ascend with the page: lowest group first
 
 
 def _blocks_on_mapped_pages(
-    pages: VllmPages, n: int, max_cached: int, empty_is_free: bool
+    pages: VllmPages, n: int, max_cached: int, empty_is_free: bool, keep_reused: bool
 ) -> tuple[list[int], list[int], list[int]]:
     """Blocks of mapped page groups not full of used blocks, lowest group first: free
-    ones on groups that hold others, at most ``max_cached`` cached ones, and the blocks
-    of groups holding none (whole groups, until there are ``n``). The scan stops once
-    there are ``n`` free blocks (counting those of empty groups if ``empty_is_free``)."""
+    ones on groups that hold others, at most ``max_cached`` cached ones (none a prefix hit
+    reused, with ``keep_reused``), and the blocks of groups holding none (whole groups,
+    until there are ``n``). The scan stops once there are ``n`` free blocks (counting
+    those of empty groups if ``empty_is_free``)."""
     bpp, num_blocks = pages.blocks_per_page, pages.num_blocks
     page, state, held, cached_on, reused = pages.page_state, pages.block_state, pages.held, pages.cached_on, pages.reused
-    any_cached = max_cached >= pages.num_blocks  # the budget is full: any cached block will do
     free: list[int] = []
     cached: list[int] = []
     empty: list[int] = []
@@ -155,13 +149,23 @@ def _blocks_on_mapped_pages(
         else:
             free.extend(_ids_in(state, _FREE, lo, hi, bpp))
             if c and len(cached) < max_cached:
-                ids = _ids_in(state, _CACHED, lo, hi, bpp)
-                if not any_cached:
-                    ids = [b for b in ids if not reused[b]]  # keep the prefixes that were hit
+                ids = _evictable(state, reused, lo, hi) if keep_reused else _ids_in(state, _CACHED, lo, hi, bpp)
                 cached.extend(ids[: max_cached - len(cached)])
         if len(free) + (len(empty) if empty_is_free else 0) >= n:
             break
     return free, cached, empty
+
+
+def _spare_cached(pages: VllmPages) -> int:
+    """Cached blocks beyond ``idle_cache_bytes`` of prefix cache: what packing may evict."""
+    if pages.idle_cache_bytes is None:
+        return 0
+    return max(0, pages.num_cached - pages.idle_cache_bytes // pages.block_bytes)
+
+
+def _evictable(state: bytearray, reused: bytearray, lo: int, hi: int) -> list[int]:
+    """Cached block ids in ``[lo, hi)`` that no prefix hit reused (packing keeps those)."""
+    return [b for b in _ids_in(state, _CACHED, lo, hi, hi - lo) if not reused[b]]
 
 
 def _ids_in(state: bytearray, byte: bytes, lo: int, hi: int, limit: int) -> list[int]:
