@@ -5,8 +5,9 @@
         [--max-running 64] [--prefill-ms 20] [--tpot-ms 10] [--host 127.0.0.1]
 
 Serves GET /health, GET /v1/models, GET /metrics (vLLM's num_requests_running and
-num_requests_waiting gauges, Prometheus text) and POST /v1/completions, streamed the way vLLM
-streams it (one `data:` chunk per token, finish_reason "length" on the last, a usage chunk when
+num_requests_waiting gauges, the sums and counts of its first-token histograms: TTFT, queue
+and prefill time; Prometheus text) and POST /v1/completions, streamed the way vLLM streams it
+(one `data:` chunk per token, finish_reason "length" on the last, a usage chunk when
 `stream_options.include_usage`, then `data: [DONE]`) or not streamed. It generates "x" tokens
 and always exactly max_tokens of them (as with ignore_eos). At most --max-running requests
 decode at once; the rest wait in arrival order, so queueing shows up as a longer TTFT. The first
@@ -41,6 +42,11 @@ class FakeEngine:
     num_running: int = 0
     num_generated_tokens: int = 0
     num_finished: int = 0
+    # vLLM's first-token histograms, as (sum of seconds, count): arrival to first token,
+    # arrival to admission, admission to first token
+    timings: dict[str, list[float]] = field(
+        default_factory=lambda: {k: [0.0, 0] for k in ("time_to_first_token", "request_queue_time", "request_prefill_time")}
+    )
     waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
 
     @property
@@ -62,6 +68,11 @@ class FakeEngine:
             elif fut in self.waiters:
                 self.waiters.remove(fut)
             raise
+
+    def record(self, metric: str, seconds: float) -> None:
+        entry = self.timings[metric]
+        entry[0] += seconds
+        entry[1] += 1
 
     def release(self) -> None:
         """Hand the slot to the oldest waiter, or free it."""
@@ -118,6 +129,9 @@ async def _metrics(request: web.Request) -> web.Response:
         "# TYPE vllm:request_success_total counter",
         f"vllm:request_success_total{label} {float(engine.num_finished)}",
     ]
+    for metric, (total, count) in engine.timings.items():
+        name = f"vllm:{metric}_seconds"
+        lines += [f"# TYPE {name} histogram", f"{name}_sum{label} {total}", f"{name}_count{label} {float(count)}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
@@ -156,14 +170,20 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     if stream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    arrived = loop.time()
     await engine.admit()
     try:
-        loop = asyncio.get_running_loop()
-        first_token_at = loop.time() + engine.prefill_s
+        admitted = loop.time()
+        engine.record("request_queue_time", admitted - arrived)
+        first_token_at = admitted + engine.prefill_s
         for i in range(max_tokens):
             # Token i is due at a fixed time, so per-token sleep overhead does not accumulate.
             await asyncio.sleep(max(0.0, first_token_at + i * engine.tpot_s - loop.time()))
             engine.num_generated_tokens += 1
+            if i == 0:
+                engine.record("request_prefill_time", loop.time() - admitted)
+                engine.record("time_to_first_token", loop.time() - arrived)
             if response is not None:
                 finish = "length" if i == max_tokens - 1 else None
                 choice = {"index": 0, "text": "x", "logprobs": None, "finish_reason": finish, "stop_reason": None}

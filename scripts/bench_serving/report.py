@@ -87,10 +87,10 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
         "| tok/s static / kvcached |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    pairs = {(r["kind"], peak_rate(r)): r for r in static}
-    elastic = [r for runs in elastic_sets for r in runs]
-    for run in sorted(elastic, key=lambda r: (r["kind"], peak_rate(r))):
-        key = (run["kind"], peak_rate(run))
+    pairs = {(r["kind"], peak_rate(r), variant(r)): r for r in static}
+    elastic = [r for runs in elastic_sets for r in runs if variant(r) in ("", "-r2")]
+    for run in sorted(elastic, key=lambda r: (r["kind"], peak_rate(r), variant(r))):
+        key = (run["kind"], peak_rate(run), variant(run))
         if key not in pairs:
             continue
         s, k = pairs[key]["summary"], run["summary"]
@@ -104,6 +104,81 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
             f"| {s['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} |"
         )
     return "\n".join(rows)
+
+
+def variant(run: dict[str, Any]) -> str:
+    """What follows the peak rate in a multi run's label: "" (the plan's run), "-r2" (run
+    again at the end), "-nobudget" (kvcached with the GPU budget lifted)."""
+    m = re.match(r"^[a-z]+-[a-z]+-[0-9.]+(.*)$", run["label"])
+    return m.group(1) if m else ""
+
+
+def request_deltas(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """TTFT of b minus TTFT of a, request by request (runs of the same seed send the same requests)."""
+    ta = {r["idx"]: r["ttft_s"] for r in a.get("results", ()) if r.get("ok")}
+    return [r["ttft_s"] - ta[r["idx"]] for r in b.get("results", ()) if r.get("ok") and r["idx"] in ta]
+
+
+def pairs_table(runs: list[dict[str, Any]]) -> str:
+    """Every two runs of one peak rate that sent the same requests (reruns, both
+    configurations, the budget lifted), compared request by request: the median of the
+    per-request TTFT differences and the p99 ratio with its paired interval. A rate run
+    more than twice shows how far runs of one configuration differ from each other."""
+    rows = [
+        "| lengths | peak req/s | run A | run B | requests | TTFT p50 A / B (ms) | median B − A (ms) "
+        "| B slower on | TTFT p99 A / B (ms) | p99 A / B | 95% interval |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    groups: dict[tuple[str, float, int | None], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["kind"], peak_rate(run), run.get("seed")), []).append(run)
+    for (kind, rate, _), group in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1])):
+        if len(group) < 3:
+            continue
+        for i, a in enumerate(group):
+            for b in group[i + 1 :]:
+                deltas = request_deltas(a, b)
+                if not deltas:
+                    continue
+                interval = p99_gain_interval(a, b)
+                sa, sb = a["summary"], b["summary"]
+                rows.append(
+                    f"| {kind} | {rate:g} | {a['label']} | {b['label']} | {len(deltas)} "
+                    f"| {sa['ttft_p50_s'] * 1e3:.1f} / {sb['ttft_p50_s'] * 1e3:.1f} "
+                    f"| {statistics.median(deltas) * 1e3:+.2f} | {sum(d > 0 for d in deltas) / len(deltas):.0%} "
+                    f"| {ms(sa['ttft_p99_s'])} / {ms(sb['ttft_p99_s'])} | {ratio(sa['ttft_p99_s'], sb['ttft_p99_s'])} "
+                    f"| {'–' if interval is None else f'{interval[0]:.2f}–{interval[1]:.2f}×'} |"
+                )
+    return "\n".join(rows)
+
+
+def timing_table(runs: list[dict[str, Any]]) -> str:
+    """Where the first token's time went, from vLLM's own histograms (means over the run's
+    requests, all engines): queued in the scheduler, the admitting step to the first token,
+    the rest of the engine's TTFT (API server in, tokens out), and what the client saw
+    beyond the engine's TTFT (HTTP, streaming)."""
+    rows = [
+        "| run | requests | client TTFT (ms) | engine TTFT (ms) | queue (ms) | prefill (ms) "
+        "| rest of the engine's (ms) | client − engine (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        timing = run.get("engine_timing") or {}
+        sums: dict[str, float] = {}
+        for row in timing.values():
+            for part in ("ttft", "queue", "prefill"):
+                if row.get(f"{part}_mean_s") is not None:
+                    sums[f"{part}_sum"] = sums.get(f"{part}_sum", 0.0) + row[f"{part}_mean_s"] * row[f"{part}_n"]
+                    sums[f"{part}_n"] = sums.get(f"{part}_n", 0) + row[f"{part}_n"]
+        if not sums.get("ttft_n") or not sums.get("queue_n") or not sums.get("prefill_n"):
+            continue
+        ttft, queue, prefill = (sums[f"{p}_sum"] / sums[f"{p}_n"] for p in ("ttft", "queue", "prefill"))
+        client = run["summary"]["ttft_mean_s"]
+        rows.append(
+            f"| {run['label']} | {int(sums['ttft_n'])} | {client * 1e3:.2f} | {ttft * 1e3:.2f} | {queue * 1e3:.2f} "
+            f"| {prefill * 1e3:.2f} | {(ttft - queue - prefill) * 1e3:.2f} | {(client - ttft) * 1e3:.2f} |"
+        )
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def series(run: dict[str, Any], engine: str, key: str) -> list[tuple[float, float]]:
@@ -303,6 +378,12 @@ def main() -> int:
     if static and elastic:
         parts += ["### Static slices vs kvcached, per peak rate", headline_table(static, elastic, fair)]
         parts += ["### Memory back after each peak (kvcached)", memory_table(elastic + fair)]
+    pairs = pairs_table(static + elastic)
+    if pairs.count("\n") > 1:
+        parts += ["### Runs of one rate, request by request", pairs]
+    timing = timing_table(static + elastic + over)
+    if timing:
+        parts += ["### Where the first token's time went (vLLM's histograms)", timing]
     if over:
         parts += ["### One engine: vanilla vLLM vs vLLM with kvcached", overhead_table(over)]
     text = "\n\n".join(parts) + "\n"

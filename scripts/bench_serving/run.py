@@ -53,6 +53,11 @@ from workload import ConstantRate, StaggeredPeaks, build_requests
 GiB = 1 << 30
 _METRIC_RE = re.compile(r'^(vllm:[a-z_]+)\{[^}]*model_name="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
 _METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+# vLLM's histograms of where a request's first token went, as (sum, count) per model:
+# ttft from the API server's arrival to the first token out, queue from the scheduler's
+# queue to the step that admits it, prefill from that step to the first token.
+_HIST_RE = re.compile(r'^vllm:([a-z_]+)_seconds_(sum|count)\{[^}]*model_name="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+_TIMINGS = {"time_to_first_token": "ttft", "request_queue_time": "queue", "request_prefill_time": "prefill"}
 
 
 @dataclass
@@ -241,10 +246,8 @@ class Sampler:
 
     @staticmethod
     def _scrape(s: Server) -> dict[str, Any]:
-        try:
-            with urllib.request.urlopen(s.url + "/metrics", timeout=1) as r:
-                text = r.read().decode()
-        except OSError:
+        text = metrics_text(s)
+        if text is None:
             return {}
         out: dict[str, Any] = {}
         for metric, model, value in _METRIC_RE.findall(text):
@@ -254,6 +257,46 @@ class Sampler:
             out["mapped"] = s.kv_bytes
             out["used"] = int(out.get("kv_cache_usage_perc", 0.0) * s.kv_bytes)
         return out
+
+
+def metrics_text(s: Server) -> str | None:
+    try:
+        with urllib.request.urlopen(s.url + "/metrics", timeout=1) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+def timing_totals(servers: list[Server]) -> dict[str, dict[str, float]]:
+    """Each server's first-token histograms now: ``{model: {"queue_sum": s, "queue_count": n, ...}}``
+    (summed over label sets; a server that does not answer is left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for s in servers:
+        text = metrics_text(s)
+        if text is None:
+            continue
+        totals = out.setdefault(s.name, {})
+        for metric, part, model, value in _HIST_RE.findall(text):
+            if metric in _TIMINGS and model == s.name:
+                key = f"{_TIMINGS[metric]}_{part}"
+                totals[key] = totals.get(key, 0.0) + float(value)
+    return out
+
+
+def timing_means(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per model, the mean of each first-token part over the requests between two
+    :func:`timing_totals` (seconds; None where none finished that part) and their count."""
+    means: dict[str, dict[str, Any]] = {}
+    for model, end in after.items():
+        start = before.get(model, {})
+        row: dict[str, Any] = {}
+        for part in _TIMINGS.values():
+            n = end.get(f"{part}_count", 0.0) - start.get(f"{part}_count", 0.0)
+            total = end.get(f"{part}_sum", 0.0) - start.get(f"{part}_sum", 0.0)
+            row[f"{part}_mean_s"] = total / n if n > 0 else None
+            row[f"{part}_n"] = int(n)
+        means[model] = row
+    return means
 
 
 def engines_idle(servers: list[Server]) -> bool:
@@ -272,6 +315,7 @@ def run_one(bench: Bench, label: str, schedule: Any, kind: str, seed: int, send_
     urls = {s.name: s.url for s in bench.servers}
     t0 = time.time() + 2.0
     sampler = Sampler(bench.servers, bench.shm_name)
+    timing_before = timing_totals(bench.servers)
     sampler.start(t0)
     results = run_in_processes(requests, urls, t0=t0, timeout_s=600)
     deadline = time.time() + 20
@@ -279,6 +323,7 @@ def run_one(bench: Bench, label: str, schedule: Any, kind: str, seed: int, send_
         time.sleep(0.25)
     time.sleep(2.0)  # memory after the last request: does it go back?
     samples = sampler.stop()
+    timing = timing_means(timing_before, timing_totals(bench.servers))
     summary = summarize(results)
     run = {
         "label": label,
@@ -290,6 +335,7 @@ def run_one(bench: Bench, label: str, schedule: Any, kind: str, seed: int, send_
         "by_model": summarize_by_model(results),
         "results": [r.to_dict() for r in results],
         "samples": samples,
+        "engine_timing": timing,
     }
     if hasattr(schedule, "peak_window"):
         run["peak_windows"] = {m: schedule.peak_window(m) for m in schedule.models}
@@ -377,14 +423,20 @@ def multi(bench: Bench) -> None:
     bench.startup_s = wait_healthy(bench.servers, 420)
     print(f"{a.engines} {a.config} engines healthy after {bench.startup_s:.0f} s", flush=True)
     if a.config == "kvcached":
-        from kvcached.control import Controller
-
-        with Controller.open(bench.shm_name, create=True) as ctl:
-            if ctl.snapshot().gpus or not a.fake:  # stand-in servers register nothing
-                ctl.set_budget(0, a.budget_bytes)
+        set_budget(bench, a.budget_bytes)
     warm_up(bench.servers)
-    plan = [(kind, rate) for kind in ("fixed",) for rate in a.rates] + [("sharegpt", r) for r in a.sharegpt_rates]
-    for kind, rate in plan:
+    # (lengths, peak rate, label suffix, budget lifted), a rate's reruns right after it; a
+    # rerun keeps the rate's seed, so every run of a rate, in either configuration, sends
+    # the same requests
+    plan: list[tuple[str, float, str, bool]] = []
+    for r in a.rates:
+        plan.append(("fixed", r, "", False))
+        if a.config == "kvcached" and r in a.without_budget:
+            plan.append(("fixed", r, "-nobudget", True))
+        if r in a.again:
+            plan.append(("fixed", r, "-r2", False))
+    plan += [("sharegpt", r, "", False) for r in a.sharegpt_rates]
+    for kind, rate, suffix, lifted in plan:
         schedule = StaggeredPeaks(
             names,
             peak_rps=rate,
@@ -395,8 +447,24 @@ def multi(bench: Bench) -> None:
             offset_s=a.offset_s,
             tail_s=a.tail_s,
         )
-        if fits(bench, schedule.duration_s + 30):
-            run_one(bench, f"{a.config}-{kind}-{rate:g}", schedule, kind, seed=int(rate * 10))
+        if not fits(bench, schedule.duration_s + 30):
+            continue
+        if lifted:
+            # No budget: no packing and no fair share; each engine keeps its own limit.
+            set_budget(bench, None)
+        try:
+            run_one(bench, f"{a.config}-{kind}-{rate:g}{suffix}", schedule, kind, seed=int(rate * 10))
+        finally:
+            if lifted:
+                set_budget(bench, a.budget_bytes)
+
+
+def set_budget(bench: Bench, budget_bytes: int | None) -> None:
+    from kvcached.control import Controller
+
+    with Controller.open(bench.shm_name, create=True) as ctl:
+        if ctl.snapshot().gpus or not bench.args.fake:  # stand-in servers register nothing
+            ctl.set_budget(0, budget_bytes)
 
 
 def overhead(bench: Bench) -> None:
@@ -467,6 +535,10 @@ def main() -> int:
     )
     ap.add_argument("--rates", default="10,20,30,40", help="peak request rates (req/s), fixed 256/256 lengths")
     ap.add_argument("--sharegpt-rates", default="30", help="peak rates of the ShareGPT-like length variant")
+    ap.add_argument("--again", default="", help="multi: of --rates, those to run a second time (right after the first)")
+    ap.add_argument(
+        "--without-budget", default="", help="multi --config kvcached: of --rates, those to run again with no GPU budget"
+    )
     ap.add_argument("--base-rps", type=float, default=1.0)
     ap.add_argument("--lead-s", type=float, default=3.0)
     ap.add_argument("--ramp-s", type=float, default=3.0)
@@ -496,6 +568,8 @@ def main() -> int:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     args.rates = [float(r) for r in args.rates.split(",") if r]
     args.sharegpt_rates = [float(r) for r in args.sharegpt_rates.split(",") if r]
+    args.again = [float(r) for r in args.again.split(",") if r]
+    args.without_budget = [float(r) for r in args.without_budget.split(",") if r]
     if args.kind == "multi" and args.engines * args.floor_bytes >= args.budget_bytes:
         ap.error("--floor times --engines must stay below --budget")
     if args.kind == "overhead":

@@ -113,6 +113,27 @@ def test_queueing_behind_max_running_raises_ttft():
     assert app[ENGINE].num_generated_tokens == 30 and app[ENGINE].num_finished == 6
 
 
+def test_engine_timing_splits_the_first_token_as_vllms_histograms_do():
+    from run import Server, timing_means, timing_totals
+
+    # 6 requests at once, 2 slots, 100 ms each: queued 0, 0, ~100, ~100, ~200, ~200 ms.
+    app = make_app("m", max_running=2, prefill_ms=20, tpot_ms=20)
+    with serving(app) as (url,):
+        server = Server("m", int(url.rsplit(":", 1)[1]), proc=None, log="")  # type: ignore[arg-type]
+        asyncio.run(run_requests([_req(i, max_tokens=2) for i in range(3)], {"m": url}))  # before the window
+        before = timing_totals([server])
+        results = asyncio.run(run_requests([_req(i, max_tokens=5) for i in range(6)], {"m": url}))
+        means = timing_means(before, timing_totals([server]))["m"]
+    assert all(r.ok for r in results)
+    assert means["ttft_n"] == means["queue_n"] == means["prefill_n"] == 6  # only the window's requests
+    assert 0.08 < means["queue_mean_s"] < 0.14
+    assert 0.019 < means["prefill_mean_s"] < 0.04
+    assert means["ttft_mean_s"] == pytest.approx(means["queue_mean_s"] + means["prefill_mean_s"], abs=0.002)
+    client_mean = statistics.mean(r.ttft_s for r in results if r.ttft_s is not None)
+    assert means["ttft_mean_s"] <= client_mean < means["ttft_mean_s"] + 0.02  # the client sees HTTP on top
+    assert timing_totals([Server("gone", _free_port(), proc=None, log="")]) == {}  # type: ignore[arg-type]
+
+
 def test_failures_are_results_not_exceptions():
     dead = f"http://127.0.0.1:{_free_port()}"
     requests = [_req(0, "dead"), _req(1, "wrong"), _req(2, "slow")]

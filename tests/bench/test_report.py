@@ -11,7 +11,7 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "bench_serving"
 sys.path.insert(0, str(BENCH_DIR))
 
 from client import Result, summarize  # noqa: E402
-from report import overhead_table, p99_gain_interval  # noqa: E402
+from report import headline_table, overhead_table, p99_gain_interval, pairs_table, timing_table  # noqa: E402
 
 
 def _run(mode: str, rep: int, ttfts_ms: list[float]) -> dict:
@@ -59,3 +59,52 @@ def test_the_p99_gain_interval_pairs_requests_and_brackets_the_truth():
     low, high = p99_gain_interval(run(1.0), noisy)
     assert low < 1.0 < high  # per-request noise, no shift: the interval holds parity
     assert p99_gain_interval(run(1.0), {"results": []}) is None  # runs that do not pair up
+
+
+def _multi(config: str, suffix: str, ttfts_ms: list[float], timing: dict | None = None) -> dict:
+    results = [Result(i, "m0", 0.1 * i, 0.1 * i, t / 1e3, 1.0, 100, 0.01, True, None) for i, t in enumerate(ttfts_ms)]
+    return {
+        "label": f"{config}-fixed-10{suffix}",
+        "kind": "fixed",
+        "seed": 100,
+        "schedule": {"kind": "staggered", "peak_rps": 10.0},
+        "summary": summarize(results),
+        "results": [r.to_dict() for r in results],
+        "engine_timing": timing or {},
+        "meta": {"config": config, "commit": "c"},
+    }
+
+
+def test_reruns_and_the_lifted_budget_are_compared_request_by_request():
+    base = [20.0 + i % 7 for i in range(200)]
+    runs = [
+        _multi("static", "", base),
+        _multi("kvcached", "", [t + 1.0 for t in base]),  # every request 1 ms slower
+        _multi("kvcached", "-nobudget", base),
+        _multi("static", "-r2", [t - 0.5 for t in base]),
+    ]
+    table = pairs_table(runs)
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[2:4]): line for line in table.splitlines()[2:]}
+    assert len(rows) == 6  # every two of the four runs
+    cells = [c.strip() for c in rows[("static-fixed-10", "kvcached-fixed-10")].strip("|").split("|")]
+    assert cells[4] == "200" and cells[6] == "+1.00" and cells[7] == "100%"
+    cells = [c.strip() for c in rows[("kvcached-fixed-10", "kvcached-fixed-10-nobudget")].strip("|").split("|")]
+    assert cells[6] == "-1.00" and cells[7] == "0%"
+    # The headline pairs the plan's runs and the reruns, never a variant with a different setting.
+    headline = headline_table([runs[0], runs[3]], [runs[1], runs[2]])
+    assert headline.count("| kvcached @ c |") == 1
+    assert pairs_table(runs[:2]).count("\n") == 1  # two runs: the headline already compares them
+
+
+def test_the_timing_table_splits_the_engines_ttft_and_weights_by_requests():
+    timing = {
+        "m0": {"ttft_mean_s": 0.030, "ttft_n": 100, "queue_mean_s": 0.005, "queue_n": 100, "prefill_mean_s": 0.020, "prefill_n": 100},
+        "m1": {"ttft_mean_s": 0.060, "ttft_n": 100, "queue_mean_s": 0.010, "queue_n": 100, "prefill_mean_s": 0.040, "prefill_n": 100},
+        "m2": {"ttft_mean_s": None, "ttft_n": 0, "queue_mean_s": None, "queue_n": 0, "prefill_mean_s": None, "prefill_n": 0},
+    }
+    run = _multi("kvcached", "", [50.0] * 200, timing)
+    row = timing_table([run, _multi("static", "", [50.0])]).splitlines()[2:]
+    assert len(row) == 1  # a run without vLLM's histograms has no row
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells == ["kvcached-fixed-10", "200", "50.00", "45.00", "7.50", "30.00", "7.50", "5.00"]
+    assert timing_table([_multi("static", "", [50.0])]) == ""
