@@ -293,7 +293,7 @@ def plot_ttft(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for runs, name, color in ((static, "static", "tab:red"), (elastic, "kvcached", "tab:blue")):
-        fixed = sorted((r for r in runs if r["kind"] == "fixed"), key=peak_rate)
+        fixed = sorted((r for r in runs if r["kind"] == "fixed" and not variant(r)), key=peak_rate)  # one run per rate
         rates = [peak_rate(r) for r in fixed]
         ax.plot(rates, [r["summary"]["ttft_mean_s"] for r in fixed], "o--", color=color, label=f"{name} mean")
         ax.plot(rates, [r["summary"]["ttft_p99_s"] for r in fixed], "s-", color=color, label=f"{name} p99")
@@ -394,7 +394,7 @@ def main() -> int:
     if args.img and static and elastic:
         os.makedirs(args.img, exist_ok=True)
         plot_ttft(static, elastic, os.path.join(args.img, "serving_ttft.png"), fair)
-        fixed = sorted((r for r in elastic if r["kind"] == "fixed"), key=peak_rate)
+        fixed = sorted((r for r in elastic if r["kind"] == "fixed" and not variant(r)), key=peak_rate)
         chosen = next((r for r in elastic if r["label"] == args.memory_run), fixed[-1] if fixed else elastic[-1])
         twin = next((r for r in static if r["kind"] == chosen["kind"] and peak_rate(r) == peak_rate(chosen)), None)
         plot_memory(twin, chosen, os.path.join(args.img, "serving_memory.png"))
