@@ -157,7 +157,7 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
                 mapped.append(stats.mapped_bytes / kv.group_bytes)
                 used.append(stats.used_bytes / kv.group_bytes)
                 cached.append(stats.cached_bytes / kv.group_bytes)
-                timeline.append((round(now - t0, 3), len(running), mapped[-1]))
+                timeline.append((round(now - t0, 3), len(running), mapped[-1], used[-1], cached[-1]))
         time.sleep(max(0.0, min(next_step, next_arrival) - time.monotonic()))
     elapsed = time.monotonic() - t0
     maps, unmaps, sync = (b - a for a, b in zip(before, counts(), strict=True))
@@ -267,17 +267,24 @@ def peak_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-def memory_lag(timeline: list[tuple[float, int, float]], window: tuple[float, float]) -> dict[str, Any]:
+def memory_lag(timeline: list[tuple[float, int, float, float, float]], window: tuple[float, float]) -> dict[str, Any]:
     """The serving report's rule (``report.memory_return``) on one engine's samples
-    (t, running, mapped page groups), its groups counted at their GPU size."""
+    (t, running, mapped / used / cached page groups), its groups counted at their GPU
+    size; and what was mapped, used and cached (groups' worth) at the drain and 1 s later:
+    memory that stays mapped while used is the requests', not a lag of kvcached's."""
     from report import memory_return
 
     samples = [
         {"t": t, "engines": {"m": {"num_requests_running": r, "num_requests_waiting": 0, "mapped": m * GPU_GROUP_BYTES}}}
-        for t, r, m in timeline
+        for t, r, m, _, _ in timeline
     ]
     (lag,) = memory_return({"peak_windows": {"m": window}, "samples": samples})
     lag.pop("engine")
+    for name, offset in (("at_drain", 0.0), ("drain_plus_1s", 1.0)):
+        if lag["t_drain"] is None:
+            break
+        _, r, m, u, c = next((x for x in timeline if x[0] >= lag["t_drain"] + offset), timeline[-1])
+        lag[name] = {"running": r, "mapped": round(m, 1), "used": round(u, 1), "cached": round(c, 1)}
     return lag
 
 
