@@ -9,6 +9,8 @@ Run on the GPU machine after ``scripts/gpu/stage_vllm.sh`` (vLLM in /tmp/site) a
     # three engines under staggered peaks, one configuration per call:
     python3 scripts/bench_serving/run.py multi --config static --model /tmp/llama8b --out $OUT
     python3 scripts/bench_serving/run.py multi --config kvcached --model /tmp/llama8b --out $OUT
+    # after the 10 req/s run: it again with the GPU budget lifted, then again with it
+    python3 scripts/bench_serving/run.py multi --config kvcached --again 10 --without-budget 10 ...
     # one engine, vanilla vLLM vs vLLM with kvcached, low / medium / saturating load:
     python3 scripts/bench_serving/run.py overhead --model /tmp/llama8b --out $OUT
     # the same, both servers up at once and the loads alternated between them, repeated:
@@ -570,6 +572,11 @@ def main() -> int:
     args.sharegpt_rates = [float(r) for r in args.sharegpt_rates.split(",") if r]
     args.again = [float(r) for r in args.again.split(",") if r]
     args.without_budget = [float(r) for r in args.without_budget.split(",") if r]
+    for flag, rates in (("--again", args.again), ("--without-budget", args.without_budget)):
+        if set(rates) - set(args.rates):
+            ap.error(f"{flag} takes rates of --rates ({', '.join(f'{r:g}' for r in args.rates)})")
+    if args.without_budget and (args.kind != "multi" or args.config != "kvcached"):
+        ap.error("--without-budget applies to multi --config kvcached only")
     if args.kind == "multi" and args.engines * args.floor_bytes >= args.budget_bytes:
         ap.error("--floor times --engines must stay below --budget")
     if args.kind == "overhead":
