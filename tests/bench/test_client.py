@@ -300,3 +300,18 @@ def test_fake_server_stops_cleanly_on_sigterm():
             proc.kill()
             proc.wait()
     assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--again", "15"], "--again takes rates of --rates (10)"),
+        (["--config", "static", "--without-budget", "10"], "--without-budget applies to multi --config kvcached only"),
+    ],
+)
+def test_rerun_options_name_what_is_allowed(tmp_path, args, message):
+    command = [sys.executable, str(BENCH_DIR / "run.py"), "multi", "--fake", "--rates", "10", "--model", "x"]
+    proc = subprocess.run([*command, "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"run.py: error: {message}"
+    assert not any(tmp_path.iterdir())  # refused before anything was written
