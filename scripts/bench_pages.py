@@ -280,6 +280,7 @@ def memory_lag(timeline: list[tuple[float, int, float, float, float]], window: t
     ]
     (lag,) = memory_return({"peak_windows": {"m": window}, "samples": samples})
     lag.pop("engine")
+    lag.pop("after_1s")  # the samples here have no used / cached bytes: below, from the timeline
     for name, offset in (("at_drain", 0.0), ("drain_plus_1s", 1.0)):
         if lag["t_drain"] is None:
             break

@@ -205,8 +205,14 @@ def memory_return(run: dict[str, Any]) -> list[dict[str, Any]]:
             (t for (t, r), (_, w) in zip(running, waiting, strict=False) if t >= end and w == 0 and r <= base_running + 2), None
         )
         t_mem = None
+        after: dict[str, float] | None = None
         if t_drain is not None:
             t_mem = next((t for t, m in mapped if t >= t_drain and m <= threshold), None)
+            # What was mapped 1 s after the drain, and how much of it the engine used or cached.
+            i = next((i for i, (t, _) in enumerate(mapped) if t >= t_drain + 1.0), None)
+            if i is not None:
+                used, cached = series(run, engine, "used"), series(run, engine, "cached")
+                after = {"mapped": mapped[i][1], "used": used[i][1], "cached": cached[i][1]}
         out.append(
             {
                 "engine": engine,
@@ -215,6 +221,7 @@ def memory_return(run: dict[str, Any]) -> list[dict[str, Any]]:
                 "t_drain": t_drain,
                 "t_mem": t_mem,
                 "lag_s": None if t_mem is None or t_drain is None else round(t_mem - t_drain, 2),
+                "after_1s": after,
             }
         )
     return out
@@ -222,15 +229,18 @@ def memory_return(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 def memory_table(elastic: list[dict[str, Any]]) -> str:
     rows = [
-        "| run | engine | base-load mapped (MiB) | peak mapped (MiB) | queue drained at (s) | memory back at (s) | lag (s) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| run | engine | base-load mapped (MiB) | peak mapped (MiB) | queue drained at (s) | memory back at (s) | lag (s) "
+        "| 1 s after the drain: mapped / used / cached (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in elastic:
         for m in memory_return(run):
+            after = m["after_1s"]
+            split = "–" if after is None else " / ".join(f"{after[k] / MiB:,.0f}" for k in ("mapped", "used", "cached"))
             rows.append(
                 f"| {run['label']} | {m['engine']} | {m['base_mapped'] / MiB:,.0f} | {m['peak_mapped'] / MiB:,.0f} "
                 f"| {m['t_drain'] if m['t_drain'] is not None else '–'} | {m['t_mem'] if m['t_mem'] is not None else '–'} "
-                f"| {m['lag_s'] if m['lag_s'] is not None else '–'} |"
+                f"| {m['lag_s'] if m['lag_s'] is not None else '–'} | {split} |"
             )
     return "\n".join(rows)
 

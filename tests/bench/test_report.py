@@ -11,7 +11,15 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "bench_serving"
 sys.path.insert(0, str(BENCH_DIR))
 
 from client import Result, summarize  # noqa: E402
-from report import headline_table, overhead_table, p99_gain_interval, pairs_table, timing_table  # noqa: E402
+from report import (  # noqa: E402
+    headline_table,
+    memory_return,
+    memory_table,
+    overhead_table,
+    p99_gain_interval,
+    pairs_table,
+    timing_table,
+)
 
 
 def _run(mode: str, rep: int, ttfts_ms: list[float]) -> dict:
@@ -108,3 +116,21 @@ def test_the_timing_table_splits_the_engines_ttft_and_weights_by_requests():
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells == ["kvcached-fixed-10", "200", "50.00", "45.00", "7.50", "30.00", "7.50", "5.00"]
     assert timing_table([_multi("static", "", [50.0])]) == ""
+
+
+def test_memory_back_is_timed_from_the_drain_and_splits_what_stays_mapped():
+    MiB = 1 << 20
+    samples = []
+    for i in range(60):  # 0.25 s apart; the peak runs 3-8 s
+        t = i * 0.25
+        peak = 3.0 <= t < 8.0
+        after = 8.0 <= t < 9.5  # the last requests of the peak still run
+        running, mapped, used = (40, 4096, 2048) if peak else (3, 1024, 256) if after else (1, 384, 64)
+        samples.append({"t": t, "engines": {"m0": {"num_requests_running": running, "num_requests_waiting": 0,
+                                                   "mapped": mapped * MiB, "used": used * MiB, "cached": 128 * MiB}}})
+    run = {"label": "kvcached-fixed-10", "peak_windows": {"m0": (3.0, 8.0)}, "samples": samples}
+    (m,) = memory_return(run)
+    assert m["t_drain"] == 8.0 and m["t_mem"] == 9.5 and m["lag_s"] == 1.5  # base 384 MiB (+256 MiB)
+    assert m["after_1s"] == {"mapped": 1024 * MiB, "used": 256 * MiB, "cached": 128 * MiB}
+    row = memory_table([run]).splitlines()[2]
+    assert row.endswith("| 1.5 | 1,024 / 256 / 128 |")
