@@ -27,7 +27,8 @@ memory of idle engines but never starve their base load.
 Every run writes its requests, summaries and a memory/queue time series (0.25 s) into
 one JSON per call (``$OUT/serving_<kind>.json``); ``report.py`` turns those into the
 tables and plots of BENCHMARKS.md. ``--deadline-s`` skips runs that would not finish
-inside a device call.
+inside a device call. The servers' processes are ``servers.py``'s; what is read from
+them while a run goes, ``engine_metrics.py``'s.
 """
 
 from __future__ import annotations
@@ -36,13 +37,9 @@ import argparse
 import dataclasses
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,30 +47,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from client import run_in_processes, summarize, summarize_by_model
+from engine_metrics import Sampler, engines_idle, timing_means, timing_totals
+from servers import Server, base_env, serve_cmd, start_server, stop_servers, wait_healthy, warm_up
 from workload import ConstantRate, StaggeredPeaks, build_requests
 
 GiB = 1 << 30
-_METRIC_RE = re.compile(r'^(vllm:[a-z_]+)\{[^}]*model_name="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
-_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-# vLLM's histograms of where a request's first token went, as (sum, count) per model:
-# ttft from the API server's arrival to the first token out, queue from the scheduler's
-# queue to the step that admits it, prefill from that step to the first token.
-_HIST_RE = re.compile(r'^vllm:([a-z_]+)_seconds_(sum|count)\{[^}]*model_name="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
-_TIMINGS = {"time_to_first_token": "ttft", "request_queue_time": "queue", "request_prefill_time": "prefill"}
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: str
-    kv_bytes: int | None = None  # the static slice, if any
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
 
 @dataclass
 class Bench:
@@ -84,225 +62,6 @@ class Bench:
     runs: list[dict[str, Any]] = field(default_factory=list)
     t_start: float = field(default_factory=time.time)
     startup_s: float | None = None  # multi: until all engines answered /health
-
-
-# -- servers ----------------------------------------------------------------------------
-
-
-def base_env() -> dict[str, str]:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        VLLM_NO_USAGE_STATS="1",
-        PYTHONUNBUFFERED="1",
-        VLLM_USE_FLASHINFER_SAMPLER="0",
-    )  # flashinfer is not staged
-    env.pop("ENABLE_KVCACHED", None)
-    return env
-
-
-def serve_cmd(args: argparse.Namespace, name: str, port: int, extra: list[str]) -> list[str]:
-    if args.fake:  # rehearsal without a GPU: the stand-in server, capacity ~ its KV slice
-        return [
-            sys.executable,
-            str(Path(__file__).with_name("fake_server.py")),
-            "--port",
-            str(port),
-            "--model",
-            name,
-            "--max-running",
-            str(args.fake_max_running),
-            "--tpot-ms",
-            "5",
-        ]
-    return [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
-        args.model,
-        "--load-format",
-        "dummy",
-        "--attention-backend",
-        "TRITON_ATTN",
-        "--max-model-len",
-        str(args.max_model_len),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        name,
-        "--seed",
-        "0",
-        "--disable-uvicorn-access-log",
-        *extra,
-        *args.extra.split(),
-    ]
-
-
-def start_server(
-    bench: Bench,
-    name: str,
-    port: int,
-    cmd: list[str],
-    env: dict[str, str],
-    kv_bytes: int | None = None,
-    log_name: str | None = None,
-) -> Server:
-    log = os.path.join(bench.args.out, log_name or f"server_{name}.log")
-    with open(log, "w") as f:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(name, port, proc, log, kv_bytes)
-    bench.servers.append(server)
-    return server
-
-
-def wait_healthy(servers: list[Server], limit_s: float) -> float:
-    t0, pending = time.time(), list(servers)
-    while pending:
-        if time.time() - t0 > limit_s:
-            raise RuntimeError(f"not healthy after {limit_s:.0f} s: {[s.name for s in pending]}")
-        for s in list(pending):
-            if s.proc.poll() is not None:
-                tail = Path(s.log).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"server {s.name} exited with {s.proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(s.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        pending.remove(s)
-            except OSError:
-                pass
-        time.sleep(1)
-    return time.time() - t0
-
-
-def stop_servers(bench: Bench) -> None:
-    for s in bench.servers:
-        if s.proc.poll() is None:
-            os.killpg(s.proc.pid, signal.SIGTERM)
-    for s in bench.servers:
-        try:
-            s.proc.wait(45)
-        except subprocess.TimeoutExpired:
-            os.killpg(s.proc.pid, signal.SIGKILL)
-            s.proc.wait()
-    bench.servers.clear()
-
-
-def warm_up(servers: list[Server]) -> None:
-    """A few short requests per server, so first-request effects stay out of the runs."""
-    warm = [
-        r
-        for i, s in enumerate(servers)
-        for r in build_requests(ConstantRate([s.name], 8.0, 1.0), seed=1000 + i, output_len=32)
-    ]
-    run_in_processes(warm, {s.name: s.url for s in servers}, timeout_s=120)
-
-
-# -- sampling -----------------------------------------------------------------------------
-
-
-class Sampler:
-    """Queue depth and KV usage of every server (from /metrics) and, under kvcached, the
-    mapped / used / cached bytes of every engine (from the control plane), every interval."""
-
-    def __init__(self, servers: list[Server], shm_name: str | None, interval_s: float = 0.25) -> None:
-        self.servers, self.interval_s = servers, interval_s
-        self.controller = None
-        if shm_name:
-            from kvcached.control import Controller
-
-            self.controller = Controller.open(shm_name, create=True)
-        self.samples: list[dict[str, Any]] = []
-        self._t0 = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def start(self, t0: float) -> None:
-        self._t0 = t0
-        self._thread.start()
-
-    def stop(self) -> list[dict[str, Any]]:
-        self._stop.set()
-        self._thread.join()
-        if self.controller is not None:
-            self.controller.close()
-        return self.samples
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            sample: dict[str, Any] = {"t": round(time.time() - self._t0, 3), "engines": {}}
-            for s in self.servers:
-                sample["engines"][s.name] = self._scrape(s)
-            if self.controller is not None:
-                snap = self.controller.snapshot()
-                for e in snap.engines:
-                    sample["engines"].setdefault(e.name, {}).update(
-                        mapped=e.mapped_bytes, used=e.used_bytes, cached=e.cached_bytes, denied=e.num_denied,
-                        sync_maps=e.num_sync_maps,
-                    )
-                sample["gpu_mapped"] = sum(g.mapped_bytes for g in snap.gpus)
-            self.samples.append(sample)
-
-    @staticmethod
-    def _scrape(s: Server) -> dict[str, Any]:
-        text = metrics_text(s)
-        if text is None:
-            return {}
-        out: dict[str, Any] = {}
-        for metric, model, value in _METRIC_RE.findall(text):
-            if metric in _METRICS and model == s.name:
-                out[metric.split(":")[1]] = float(value)
-        if s.kv_bytes is not None:
-            out["mapped"] = s.kv_bytes
-            out["used"] = int(out.get("kv_cache_usage_perc", 0.0) * s.kv_bytes)
-        return out
-
-
-def metrics_text(s: Server) -> str | None:
-    try:
-        with urllib.request.urlopen(s.url + "/metrics", timeout=1) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
-
-
-def timing_totals(servers: list[Server]) -> dict[str, dict[str, float]]:
-    """Each server's first-token histograms now: ``{model: {"queue_sum": s, "queue_count": n, ...}}``
-    (summed over label sets; a server that does not answer is left out)."""
-    out: dict[str, dict[str, float]] = {}
-    for s in servers:
-        text = metrics_text(s)
-        if text is None:
-            continue
-        totals = out.setdefault(s.name, {})
-        for metric, part, model, value in _HIST_RE.findall(text):
-            if metric in _TIMINGS and model == s.name:
-                key = f"{_TIMINGS[metric]}_{part}"
-                totals[key] = totals.get(key, 0.0) + float(value)
-    return out
-
-
-def timing_means(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """Per model, the mean of each first-token part over the requests between two
-    :func:`timing_totals` (seconds; None where none finished that part) and their count."""
-    means: dict[str, dict[str, Any]] = {}
-    for model, end in after.items():
-        start = before.get(model, {})
-        row: dict[str, Any] = {}
-        for part in _TIMINGS.values():
-            n = end.get(f"{part}_count", 0.0) - start.get(f"{part}_count", 0.0)
-            total = end.get(f"{part}_sum", 0.0) - start.get(f"{part}_sum", 0.0)
-            row[f"{part}_mean_s"] = total / n if n > 0 else None
-            row[f"{part}_n"] = int(n)
-        means[model] = row
-    return means
-
-
-def engines_idle(servers: list[Server]) -> bool:
-    return all(not Sampler._scrape(s).get("num_requests_running") for s in servers)
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -407,7 +166,7 @@ def multi(bench: Bench) -> None:
                 port,
                 ["--kv-cache-memory-bytes", str(slice_bytes), "--gpu-memory-utilization", str(a.gpu_util)],
             )
-            start_server(bench, name, port, cmd, bench.env, kv_bytes=slice_bytes)
+            start_server(bench.servers, bench.args.out, name, port, cmd, bench.env, kv_bytes=slice_bytes)
         else:
             limit = a.budget_bytes - (a.engines - 1) * a.floor_bytes
             env = dict(bench.env, KVCACHED_SHM_NAME=bench.shm_name or "", KVCACHED_VIRTUAL_BYTES=str(a.budget_bytes))
@@ -421,7 +180,7 @@ def multi(bench: Bench) -> None:
                 "--",
                 *serve_cmd(a, name, port, ["--gpu-memory-utilization", str(a.gpu_util)]),
             ]
-            start_server(bench, name, port, cmd, env)
+            start_server(bench.servers, bench.args.out, name, port, cmd, env)
     bench.startup_s = wait_healthy(bench.servers, 420)
     print(f"{a.engines} {a.config} engines healthy after {bench.startup_s:.0f} s", flush=True)
     if a.config == "kvcached":
@@ -483,7 +242,7 @@ def overhead(bench: Bench) -> None:
         if mode == "kvcached":
             env = dict(bench.env, KVCACHED_SHM_NAME=bench.shm_name or "")
             cmd = ["kvctl", "launch", "--name", "m0", "--", *cmd]
-        server = start_server(bench, "m0", a.port, cmd, env, log_name=f"server_m0_{mode}.log")
+        server = start_server(bench.servers, bench.args.out, "m0", a.port, cmd, env, log_name=f"server_m0_{mode}.log")
         startup = wait_healthy([server], 420)
         print(f"{mode}: healthy after {startup:.0f} s", flush=True)
         warm_up([server])
@@ -492,7 +251,7 @@ def overhead(bench: Bench) -> None:
             # a seed per load: no prompt repeats across loads, so no run hits the last one's prefix cache
             run_one(bench, f"overhead-{mode}-{label}", schedule, "fixed", seed=7 + i)
             bench.runs[-1]["startup_s"] = startup
-        stop_servers(bench)
+        stop_servers(bench.servers)
 
 
 def overhead_paired(bench: Bench, loads: list[tuple[str, float, float]]) -> None:
@@ -503,11 +262,11 @@ def overhead_paired(bench: Bench, loads: list[tuple[str, float, float]]) -> None
     a = bench.args
     util = ["--gpu-memory-utilization", str(a.gpu_util)]
     vanilla_cmd = serve_cmd(a, "vanilla", a.port, ["--kv-cache-memory-bytes", str(a.paired_kv_bytes), *util])
-    vanilla = start_server(bench, "vanilla", a.port, vanilla_cmd, bench.env, log_name="server_vanilla.log")
+    vanilla = start_server(bench.servers, bench.args.out, "vanilla", a.port, vanilla_cmd, bench.env, log_name="server_vanilla.log")
     startup = {"vanilla": wait_healthy([vanilla], 420)}  # one at a time: they share the compile cache
     env = dict(bench.env, KVCACHED_SHM_NAME=bench.shm_name or "", KVCACHED_VIRTUAL_BYTES=str(a.paired_kv_bytes))
     kv_cmd = ["kvctl", "launch", "--name", "kvcached", "--", *serve_cmd(a, "kvcached", a.port + 1, util)]
-    kvcached = start_server(bench, "kvcached", a.port + 1, kv_cmd, env, log_name="server_kvcached.log")
+    kvcached = start_server(bench.servers, bench.args.out, "kvcached", a.port + 1, kv_cmd, env, log_name="server_kvcached.log")
     startup["kvcached"] = wait_healthy([kvcached], 420)
     print(f"paired: vanilla healthy after {startup['vanilla']:.0f} s, kvcached after {startup['kvcached']:.0f} s", flush=True)
     warm_up([vanilla, kvcached])
@@ -589,7 +348,7 @@ def main() -> int:
     try:
         multi(bench) if args.kind != "overhead" else overhead(bench)
     finally:
-        stop_servers(bench)
+        stop_servers(bench.servers)
         save(bench)
         if bench.shm_name:
             from kvcached.control import Controller

@@ -114,7 +114,8 @@ def test_queueing_behind_max_running_raises_ttft():
 
 
 def test_engine_timing_splits_the_first_token_as_vllms_histograms_do():
-    from run import Server, timing_means, timing_totals
+    from engine_metrics import timing_means, timing_totals
+    from servers import Server
 
     # 6 requests at once, 2 slots, 100 ms each: queued 0, 0, ~100, ~100, ~200, ~200 ms.
     app = make_app("m", max_running=2, prefill_ms=20, tpot_ms=20)
