@@ -272,20 +272,23 @@ def memory_lag(timeline: list[tuple[float, int, float, float, float]], window: t
     (t, running, mapped / used / cached page groups), its groups counted at their GPU
     size; and what was mapped, used and cached (groups' worth) at the drain and 1 s later:
     memory that stays mapped while used is the requests', not a lag of kvcached's."""
-    from report import memory_return
+    from report import memory_return, state_at
 
+    g = GPU_GROUP_BYTES
     samples = [
-        {"t": t, "engines": {"m": {"num_requests_running": r, "num_requests_waiting": 0, "mapped": m * GPU_GROUP_BYTES}}}
-        for t, r, m, _, _ in timeline
+        {"t": t, "engines": {"m": {"num_requests_running": r, "num_requests_waiting": 0,
+                                   "mapped": m * g, "used": u * g, "cached": c * g}}}
+        for t, r, m, u, c in timeline
     ]
-    (lag,) = memory_return({"peak_windows": {"m": window}, "samples": samples})
+    run = {"peak_windows": {"m": window}, "samples": samples}
+    (lag,) = memory_return(run)
     lag.pop("engine")
-    lag.pop("after_1s")  # the samples here have no used / cached bytes: below, from the timeline
+    lag.pop("after_1s")  # in groups below, with the drain's own
     for name, offset in (("at_drain", 0.0), ("drain_plus_1s", 1.0)):
-        if lag["t_drain"] is None:
-            break
-        _, r, m, u, c = next((x for x in timeline if x[0] >= lag["t_drain"] + offset), timeline[-1])
-        lag[name] = {"running": r, "mapped": round(m, 1), "used": round(u, 1), "cached": round(c, 1)}
+        state = None if lag["t_drain"] is None else state_at(run, "m", lag["t_drain"] + offset)
+        if state is not None:
+            lag[name] = {"running": int(state["num_requests_running"]),
+                         **{k: round(state[k] / g, 1) for k in ("mapped", "used", "cached")}}
     return lag
 
 

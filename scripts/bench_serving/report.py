@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import statistics
 from collections.abc import Sequence
 from typing import Any
+
+from compare import interval_text, p99_gain_interval, request_deltas
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -57,29 +58,6 @@ def ratio(a: float | None, b: float | None) -> str:
     return "–" if not a or not b else f"{a / b:.2f}×"
 
 
-def p99_gain_interval(static_run: dict[str, Any], elastic_run: dict[str, Any], resamples: int = 2000) -> tuple[float, float] | None:
-    """A 95% interval for the TTFT p99 gain (static p99 / kvcached p99), by a paired
-    bootstrap: both runs sent the same requests (same seed), so each resample draws request
-    indices with replacement and takes both configurations' TTFTs of those requests. None
-    when the runs do not pair up."""
-    s = {r["idx"]: r["ttft_s"] for r in static_run.get("results", ()) if r.get("ok")}
-    k = {r["idx"]: r["ttft_s"] for r in elastic_run.get("results", ()) if r.get("ok")}
-    idx = sorted(s.keys() & k.keys())
-    if len(idx) < 100:
-        return None
-    rng = random.Random(0)
-
-    def p99(values: list[float]) -> float:
-        return statistics.quantiles(values, n=100, method="inclusive")[98]  # numpy's linear p99
-
-    gains = []
-    for _ in range(resamples):
-        draw = rng.choices(idx, k=len(idx))
-        gains.append(p99([s[i] for i in draw]) / p99([k[i] for i in draw]))
-    gains.sort()
-    return gains[int(0.025 * resamples)], gains[int(0.975 * resamples) - 1]
-
-
 def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, Any]]) -> str:
     rows = [
         "| kvcached run | lengths | peak req/s | requests | TTFT mean static / kvcached (ms) "
@@ -99,8 +77,7 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
             f"| {run['meta']['config']} @ {run['meta'].get('commit', '')} | {run['kind']} | {key[1]:g} | {k['count']} "
             f"| {ms(s['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} "
             f"| {ms(s['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} | {ratio(s['ttft_p99_s'], k['ttft_p99_s'])} "
-            f"| {'–' if interval is None else f'{interval[0]:.2f}–{interval[1]:.2f}×'} "
-            f"| {ms(s['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} "
+            f"| {interval_text(interval)} | {ms(s['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} "
             f"| {s['output_tokens_per_s']:,.0f} / {k['output_tokens_per_s']:,.0f} |"
         )
     return "\n".join(rows)
@@ -108,15 +85,9 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
 
 def variant(run: dict[str, Any]) -> str:
     """What follows the peak rate in a multi run's label: "" (the plan's run), "-r2" (run
-    again at the end), "-nobudget" (kvcached with the GPU budget lifted)."""
+    again, ``--again``), "-nobudget" (kvcached with the GPU budget lifted)."""
     m = re.match(r"^[a-z]+-[a-z]+-[0-9.]+(.*)$", run["label"])
     return m.group(1) if m else ""
-
-
-def request_deltas(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
-    """TTFT of b minus TTFT of a, request by request (runs of the same seed send the same requests)."""
-    ta = {r["idx"]: r["ttft_s"] for r in a.get("results", ()) if r.get("ok")}
-    return [r["ttft_s"] - ta[r["idx"]] for r in b.get("results", ()) if r.get("ok") and r["idx"] in ta]
 
 
 def pairs_table(runs: list[dict[str, Any]]) -> str:
@@ -147,7 +118,7 @@ def pairs_table(runs: list[dict[str, Any]]) -> str:
                     f"| {sa['ttft_p50_s'] * 1e3:.1f} / {sb['ttft_p50_s'] * 1e3:.1f} "
                     f"| {statistics.median(deltas) * 1e3:+.2f} | {sum(d > 0 for d in deltas) / len(deltas):.0%} "
                     f"| {ms(sa['ttft_p99_s'])} / {ms(sb['ttft_p99_s'])} | {ratio(sa['ttft_p99_s'], sb['ttft_p99_s'])} "
-                    f"| {'–' if interval is None else f'{interval[0]:.2f}–{interval[1]:.2f}×'} |"
+                    f"| {interval_text(interval)} |"
                 )
     return "\n".join(rows)
 
@@ -185,6 +156,18 @@ def series(run: dict[str, Any], engine: str, key: str) -> list[tuple[float, floa
     return [(s["t"], float(s["engines"].get(engine, {}).get(key, 0.0) or 0.0)) for s in run["samples"]]
 
 
+def state_at(
+    run: dict[str, Any], engine: str, t: float, keys: Sequence[str] = ("num_requests_running", "mapped", "used", "cached")
+) -> dict[str, float] | None:
+    """An engine's sampled ``keys`` (running requests, mapped / used / cached bytes) at the
+    first sample at or after ``t`` (None after the last sample)."""
+    sample = next((s for s in run["samples"] if s["t"] >= t), None)
+    if sample is None:
+        return None
+    values = sample["engines"].get(engine, {})
+    return {k: float(values.get(k, 0.0) or 0.0) for k in keys}
+
+
 def memory_return(run: dict[str, Any]) -> list[dict[str, Any]]:
     """Per engine: when its queue drained after its peak, and when its mapped memory fell
     back to its base-load level (the lead window's peak plus 256 MiB, or 1.5× it)."""
@@ -209,10 +192,7 @@ def memory_return(run: dict[str, Any]) -> list[dict[str, Any]]:
         if t_drain is not None:
             t_mem = next((t for t, m in mapped if t >= t_drain and m <= threshold), None)
             # What was mapped 1 s after the drain, and how much of it the engine used or cached.
-            i = next((i for i, (t, _) in enumerate(mapped) if t >= t_drain + 1.0), None)
-            if i is not None:
-                used, cached = series(run, engine, "used"), series(run, engine, "cached")
-                after = {"mapped": mapped[i][1], "used": used[i][1], "cached": cached[i][1]}
+            after = state_at(run, engine, t_drain + 1.0, ("mapped", "used", "cached"))
         out.append(
             {
                 "engine": engine,

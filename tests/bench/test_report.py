@@ -11,12 +11,12 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "bench_serving"
 sys.path.insert(0, str(BENCH_DIR))
 
 from client import Result, summarize  # noqa: E402
+from compare import p99_gain_interval  # noqa: E402
 from report import (  # noqa: E402
     headline_table,
     memory_return,
     memory_table,
     overhead_table,
-    p99_gain_interval,
     pairs_table,
     timing_table,
 )
