@@ -86,7 +86,8 @@ def cache(pool: Any, blocks: list[Any], serial: itertools.count[int]) -> None:
 
 def poisson(rate: float, seconds: float, seed: int) -> list[float]:
     """Arrival times (s) of a Poisson stream of ``rate`` req/s over ``seconds``."""
-    rng, t, out = random.Random(seed), 0.0, []
+    rng, t = random.Random(seed), 0.0
+    out: list[float] = []
     while True:
         t += rng.expovariate(rate)
         if t >= seconds:
