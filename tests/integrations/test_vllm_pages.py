@@ -430,3 +430,33 @@ def test_a_failed_trim_leaves_the_pages_mapped_and_the_counts_right(make):
     pages.maintain()
     assert arena.mapped_pages() == [0]
     pages.check_integrity()
+
+
+def test_compaction_plans_the_sparsest_whole_groups_into_the_densest(make):
+    from kvcached.integrations.vllm import compaction
+
+    pages, _ = make()
+
+    def block(page, slot):
+        return page * BPP + slot
+
+    pages.ensure_mapped([1, 2, 3, 4])
+    pages.set_states([block(1, s) for s in range(12)], USED)
+    pages.set_states([block(1, 12), block(1, 13)], CACHED)
+    pages.reused[block(1, 13)] = 1  # a prefix hit reused it: not a destination
+    pages.set_states([block(2, 0), block(2, 1)], USED)
+    pages.set_states([block(3, s) for s in range(3)], USED)
+    pages.set_states([block(4, 5)], USED)
+    owned = {b for b, s in enumerate(pages.block_state) if s == USED and b // BPP != 0}
+    movable = dict.fromkeys(owned - {block(2, 0)})  # one block of group 2 is shared
+
+    # Group 4 (1 used) and group 3 (3 used) go; group 2 is pinned by its shared block. Into
+    # group 1 first (free slots, then the cached one no hit reused), then group 2.
+    assert compaction.plan(pages, movable) == [
+        (block(4, 5), block(1, 14)), (block(3, 0), block(1, 15)), (block(3, 1), block(1, 12)),
+        (block(3, 2), block(2, 2)),
+    ]
+    assert compaction.plan(pages, movable, max_moves=3) == [(block(4, 5), block(1, 14))]
+    pages.set_states([block(3, s) for s in range(3)] + [block(4, 5)], FREE)
+    assert compaction.plan(pages, dict.fromkeys(owned)) == []  # 14 blocks on 2 groups: gain 1 < 2
+    pages.check_integrity()

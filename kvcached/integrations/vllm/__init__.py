@@ -7,10 +7,13 @@ importing:
 
 ===============================================  ==============================================
 ``vllm.v1.core.kv_cache_coordinator``             ``BlockPool`` → :class:`ElasticBlockPool`
-``vllm.v1.core.sched.scheduler``                  one scheduler step holds the pool's lock
+``vllm.v1.core.sched.scheduler``                  one scheduler step holds the pool's lock;
+                                                  blocks move together before it (compaction)
 ``vllm.v1.core.kv_cache_manager``                 new requests wait while over the fair share
-``vllm.v1.worker.gpu_model_runner``               KV bytes from a kvcached arena (V1 runner)
+``vllm.v1.worker.gpu_model_runner``               KV bytes from a kvcached arena (V1 runner);
+                                                  moved blocks' rows rewritten
 ``vllm.v1.worker.gpu.attn_utils``                 the same for Model Runner V2
+``vllm.v1.worker.gpu.model_runner``               moved blocks' rows rewritten (Model Runner V2)
 ``vllm.v1.worker.gpu_worker``                     start-up memory, sleep / wake-up
 ===============================================  ==============================================
 """
@@ -65,6 +68,9 @@ def _patch_coordinator(module: ModuleType) -> None:
 
 
 def _patch_scheduler(module: ModuleType) -> None:
+    """One step holds the pool's lock; before it, blocks may move (:mod:`.compaction`)."""
+    from kvcached.integrations.vllm import compaction
+
     scheduler_cls = module.Scheduler
     original = scheduler_cls.schedule
 
@@ -74,7 +80,11 @@ def _patch_scheduler(module: ModuleType) -> None:
         if lock is None:
             return original(self, *args, **kwargs)
         with lock:
-            return original(self, *args, **kwargs)
+            moves = compaction.before_step(self)
+            output = original(self, *args, **kwargs)
+            if moves is not None:
+                compaction.attach(output, moves)
+            return output
 
     scheduler_cls.schedule = schedule
 
@@ -126,6 +136,7 @@ def _patch_runner_026(module: ModuleType) -> None:
 
     patch_runner_init(module.GPUModelRunner)
     patch_allocation_method(module.GPUModelRunner, "_allocate_kv_cache_tensors", module)
+    _patch_step_update(module.GPUModelRunner, "_update_states", "rewrite_v1")
 
 
 def _patch_mrv2_026(module: ModuleType) -> None:
@@ -141,6 +152,7 @@ def _patch_runner_029(module: ModuleType) -> None:
 
     patch_runner_init(module.GPUModelRunner)
     patch_allocation_function(module, "allocate_kv_cache", worker_utils)
+    _patch_step_update(module.GPUModelRunner, "_update_states", "rewrite_v1")
 
 
 def _patch_mrv2_029(module: ModuleType) -> None:
@@ -155,3 +167,22 @@ def _patch_mrv2_runner(module: ModuleType) -> None:
     from kvcached.integrations.vllm.worker import patch_runner_init
 
     patch_runner_init(module.GPUModelRunner)
+    _patch_step_update(module.GPUModelRunner, "update_requests", "rewrite_v2")
+
+
+def _patch_step_update(runner_cls: Any, name: str, rewrite_name: str) -> None:
+    """Wrap the runner method that applies a step's ``SchedulerOutput`` (and queues vLLM's
+    block copies): moved blocks' rows are rewritten before it, the copy marked after."""
+    from kvcached.integrations.vllm import compaction
+
+    original = getattr(runner_cls, name)
+    rewrite = getattr(compaction, rewrite_name)
+
+    @functools.wraps(original)
+    def update(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        moves = rewrite(self, scheduler_output)
+        result = original(self, scheduler_output, *args, **kwargs)
+        compaction.copy_queued(moves)
+        return result
+
+    setattr(runner_cls, name, update)

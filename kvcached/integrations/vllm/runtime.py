@@ -42,6 +42,7 @@ class WorkerKV:
     model_name: str
     pages: VllmPages | None = None
     handle: Any = None  # the control-plane EngineHandle
+    rewrites_blocks: bool = False  # the runner rewrites moved blocks' rows (compaction)
 
 
 _worker: WorkerKV | None = None

@@ -1,0 +1,246 @@
+"""Compaction against vLLM's real KVCacheManager, block pool, block table and block copy,
+over KV tensors on a kvcached arena (CPU; the host backend stands in for the GPU).
+
+A peak's leftovers hold a quarter of each of several page groups; one scheduler step
+later their blocks sit on one group, the data followed them, the rows the worker reads
+name the new blocks, prefix hits find the copies, and the emptied groups are unmapped.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (see scripts/ci/setup_vllm_env.sh)")
+
+from kvcached.integrations import vllm as kv_vllm  # noqa: E402
+
+pytestmark = pytest.mark.engine
+
+MiB = 1 << 20
+BLOCK = 16  # tokens per block
+
+
+@pytest.fixture(scope="module", autouse=True)
+def patched():
+    os.environ.setdefault("KVCACHED_TRIM_IDLE_S", "0")
+    kv_vllm.activate(vllm)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """A worker's KV tensors over an arena, and vLLM's KVCacheManager over the same pages."""
+    import torch
+    import vllm.v1.worker.gpu.attn_utils as attn_utils
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from kvcached.integrations.vllm import runtime
+
+    monkeypatch.setenv("KVCACHED_PACK", "on")
+    monkeypatch.setenv("KVCACHED_COMPACT", "on")
+    monkeypatch.setattr(runtime, "_attach", lambda pages, kv: None)  # no control plane here
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    page, num_blocks = spec.page_size_bytes, 2048  # 8 page groups of 256 blocks
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+    config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=2 * page * num_blocks, layers=layers,
+                                        layer_stride=page * num_blocks, block_stride=page)],
+        kv_cache_groups=[KVCacheGroupSpec(layer_names=layers, kv_cache_spec=spec)],
+    )
+    tensors = attn_utils.allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
+    worker = runtime.worker_kv()
+    assert worker is not None and worker.num_blocks == num_blocks
+    manager = KVCacheManager(config, max_model_len=1 << 15, scheduler_block_size=BLOCK, hash_block_size=BLOCK)
+    assert manager.block_pool.kv is worker.pages
+    yield Engine(manager=manager, pool=manager.block_pool, kv=worker.pages, worker=worker,
+                 tensors=[tensors[name] for name in layers], config=config)
+    worker.pages.close()
+
+
+class Engine(types.SimpleNamespace):
+    def __repr__(self) -> str:
+        return "<engine>"  # printing its tensors would read unmapped pages (a fault, not a failure)
+
+
+def request(manager, name: str, num_blocks: int):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    r = Request(name, list(range(BLOCK * num_blocks)), SamplingParams(max_tokens=1 << 12), None)
+    assert manager.allocate_slots(r, BLOCK * num_blocks) is not None
+    r.num_computed_tokens = BLOCK * num_blocks
+    return r
+
+
+def scattered(engine):
+    """Group 0 full, then four groups each left holding one quarter-group request."""
+    manager, bpp = engine.manager, engine.kv.blocks_per_page
+    quarter = bpp // 4
+    request(manager, "first", bpp - 1)  # block 0 is the null block
+    quarters = [request(manager, f"q{i}", quarter) for i in range(16)]
+    keep = [quarters[i] for i in (0, 5, 10, 15)]  # one per group, each in a different slot
+    for r in quarters:
+        if r not in keep:
+            manager.free(r)
+    return keep
+
+
+def groups_of(engine, r) -> set[int]:
+    return {b // engine.kv.blocks_per_page for b in engine.manager.get_block_ids(r.request_id)[0]}
+
+
+def fill(engine, block_id: int, value: float) -> None:
+    for t in engine.tensors:
+        t[block_id].fill_(value)
+
+
+def read(engine, block_id: int) -> list[float]:
+    return [float(t[block_id].float().mean()) for t in engine.tensors]
+
+
+def step(engine):
+    """What the scheduler patch does around a step; returns the step's output."""
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from kvcached.integrations.vllm import compaction
+
+    scheduler = types.SimpleNamespace(kv_cache_manager=engine.manager, connector=None)
+    with engine.pool.kv_lock:
+        moves = compaction.before_step(scheduler)
+        output = SchedulerOutput.make_empty()
+        if moves is not None:
+            compaction.attach(output, moves)
+    return output
+
+
+def block_ids(engine, r) -> list[int]:
+    return list(engine.manager.get_block_ids(r.request_id)[0])
+
+
+def cache(pool, blocks) -> list:
+    """Give ``blocks`` prefix-cache entries, as a request's full blocks get; their keys."""
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    keys = []
+    for block in blocks:
+        key = make_block_hash_with_group_id(block.block_id.to_bytes(32, "big"), 0)
+        block.set_block_hash(key)
+        pool.cached_block_hash_to_block.insert(key, block)
+        keys.append(key)
+    return keys
+
+
+def v1_runner(engine, reqs):
+    """vLLM's V1 runner as the rewrite sees it: cached request states and the persistent
+    batch's real block table."""
+    import torch
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+    table = MultiGroupBlockTable(max_num_reqs=8, max_num_batched_tokens=1024, pin_memory=False,
+                                 device=torch.device("cpu"), block_sizes=[BLOCK], max_num_blocks=[128])
+    for i, r in enumerate(reqs):
+        table.add_row((block_ids(engine, r),), i)
+    return types.SimpleNamespace(
+        requests={r.request_id: types.SimpleNamespace(block_ids=(block_ids(engine, r),)) for r in reqs},
+        input_batch=types.SimpleNamespace(req_id_to_index={r.request_id: i for i, r in enumerate(reqs)},
+                                          block_table=table),
+    )
+
+
+def test_one_step_later_the_leftovers_share_one_group_with_their_data_rows_and_prefix_entries(engine, monkeypatch):
+    import time
+
+    import vllm.utils.torch_utils as torch_utils
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.worker.utils import copy_kv_cache_blocks_inplace
+
+    from kvcached.integrations.vllm import compaction
+    from kvcached.integrations.vllm.states import FREE, USED
+
+    monkeypatch.setattr(torch_utils, "PIN_MEMORY", False)  # vLLM stages the copy's indices in pinned memory (GPU only)
+    e = engine
+    kv, pool = e.kv, e.pool
+    keep = scattered(e)
+    homes = [groups_of(e, r) for r in keep]
+    assert all(len(h) == 1 for h in homes) and len(set().union(*homes)) == 4  # four groups, a quarter each
+    for k, r in enumerate(keep):
+        for i, b in enumerate(block_ids(e, r)):
+            fill(e, b, 100 * k + i)
+    before = {r.request_id: block_ids(e, r) for r in keep}
+    keys = cache(pool, [pool.blocks[b] for b in before["q15"]])
+    runner = v1_runner(e, keep)
+    mapped = kv.mapper.mapped_bytes
+
+    assert step(e).kv_cache_block_copies is None  # the worker has not shown it rewrites rows yet
+    compaction.rewrite_v1(runner, SchedulerOutput.make_empty())  # its first step: it does
+    output = step(e)
+    moves = output.kvcached_moves
+    assert {g for r in keep for g in groups_of(e, r)} == homes[0]  # the scheduler's lists
+    assert sorted(src for src, _ in output.kv_cache_block_copies) == sorted(
+        b for r in keep[1:] for b in before[r.request_id])
+    assert block_ids(e, keep[0]) == before["q0"]  # the densest group's request stayed
+
+    # The worker: rows rewritten, vLLM's own copy moves the bytes, then the copy is marked.
+    compaction.rewrite_v1(runner, output)
+    copy_kv_cache_blocks_inplace(e.tensors, e.config.num_blocks, output.kv_cache_block_copies)
+    compaction.copy_queued(moves)
+    for index, (k, r) in enumerate(enumerate(keep)):
+        ids = block_ids(e, r)
+        assert runner.requests[r.request_id].block_ids[0] == ids
+        assert list(runner.input_batch.block_table[0].block_table.np[index, :len(ids)]) == ids
+        assert [read(e, b) for b in ids] == [[100.0 * k + i] * 2 for i in range(len(ids))]
+    new_ids = block_ids(e, keep[3])
+    assert [pool.cached_block_hash_to_block.get_one_block(key).block_id for key in keys] == new_ids
+
+    # The sources stay held until the copy ran; the next step frees them, the trim unmaps.
+    assert all(kv.block_state[src] == USED for src, _ in moves.pairs)
+    step(e)
+    assert all(kv.block_state[src] == FREE for src, _ in moves.pairs)
+    kv.maintain(time.monotonic() + 10)
+    assert kv.mapper.mapped_bytes <= mapped - 2 * kv.group_bytes
+    assert [read(e, b) for b in new_ids] == [[300.0 + i] * 2 for i in range(len(new_ids))]
+    kv.check_integrity()
+
+
+
+def test_a_shared_block_pins_its_group_and_the_rest_joins_it(engine):
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from kvcached.integrations.vllm import compaction
+
+    e = engine
+    keep = scattered(e)
+    compaction.rewrite_v1(v1_runner(e, keep), SchedulerOutput.make_empty())
+    homes = [groups_of(e, r) for r in keep]
+    shared = e.pool.blocks[block_ids(e, keep[3])[0]]
+    e.pool.touch([shared])  # a prefix hit: two requests hold this block now
+    output = step(e)
+    assert groups_of(e, keep[3]) == homes[3]  # its group is pinned: nothing of it moves ...
+    assert {g for r in keep[:3] for g in groups_of(e, r)} == homes[3]  # ... the others join it there
+    assert len(output.kv_cache_block_copies) == 3 * len(block_ids(e, keep[1]))
+    compaction.copy_queued(output.kvcached_moves)
+    e.pool._kvcached_compactor.last = 0.0
+    assert step(e).kv_cache_block_copies is None  # all on one group: nothing more to gain
+    e.kv.check_integrity()
+
+
+def test_compaction_off_or_without_packing_moves_nothing(engine, monkeypatch):
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from kvcached.integrations.vllm import compaction
+
+    e = engine
+    keep = scattered(e)
+    compaction.rewrite_v1(v1_runner(e, keep), SchedulerOutput.make_empty())
+    monkeypatch.setenv("KVCACHED_COMPACT", "off")
+    assert step(e).kv_cache_block_copies is None
+    monkeypatch.setenv("KVCACHED_COMPACT", "auto")
+    monkeypatch.setattr(e.kv, "pack", "off")  # auto follows packing (vLLM's own order: no budget)
+    assert step(e).kv_cache_block_copies is None
+    e.kv.pack = "on"
+    assert step(e).kv_cache_block_copies
