@@ -30,7 +30,7 @@ where kvcached packs (a GPU shared under a budget); ``KVCACHED_COMPACT`` overrid
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Moves", "before_step", "enabled", "plan", "rewrite_v1", "rewrite_v2"]
 
-# A round runs at most this often (it scans the page groups) and moves at most this many
-# blocks (2 MiB each for an 8B model: a copy of well under a millisecond on an H200).
-INTERVAL_S = 0.05
+# A round runs at most this often (it scans the page groups, and the running requests'
+# block lists when it moves) and moves at most this many blocks (2 MiB each for an 8B
+# model: a copy of well under a millisecond on an H200).
+INTERVAL_S = 0.2
 MAX_MOVES = 256
 # Compact only when the used blocks sit on at least this many more groups than they fill.
 MIN_GAIN = 2
@@ -76,14 +77,15 @@ def enabled(pages: VllmPages) -> bool:
     return mode == "on" or (mode == "auto" and placement.packs(pages))
 
 
-def plan(pages: VllmPages, movable: Mapping[int, object], max_moves: int = MAX_MOVES) -> list[tuple[int, int]]:
+def plan(pages: VllmPages, movable: Callable[[int], bool], max_moves: int = MAX_MOVES) -> list[tuple[int, int]]:
     """Which used blocks to move where: (source, destination) block ids.
 
     Sources are the used blocks of the sparsest mapped groups, each group whole (all its
     used blocks in ``movable``) or not at all, as long as the groups left keep room for
     them; destinations are free blocks on the densest groups left, then cached ones no
     prefix hit reused. Nothing when the used blocks sit on fewer than ``MIN_GAIN`` groups
-    more than they fill. Read under the pages' lock; changes nothing.
+    more than they fill. ``movable(block_id)``: whether a used block may move. Read under
+    the pages' lock; changes nothing.
     """
     bpp, st, num_blocks = pages.blocks_per_page, pages.block_state, pages.num_blocks
     used = {p: pages.held[p] - pages.cached_on[p] for p in range(1, pages.num_pages)
@@ -99,21 +101,27 @@ def plan(pages: VllmPages, movable: Mapping[int, object], max_moves: int = MAX_M
         if moving + used[p] > min(max_moves, left - room[p]):
             continue
         ids = range(p * bpp, min((p + 1) * bpp, num_blocks))
-        if all(b in movable for b in ids if st[b] == USED):
+        if all(movable(b) for b in ids if st[b] == USED):
             sources.append(p)
             moving += used[p]
             left -= room[p]
     if not sources:
         return []
     taken = set(sources)
-    slots = [b for p in sorted((p for p in used if p not in taken), key=lambda p: (-used[p], p))
-             for b in _free_slots(pages, p)]
     moved = [b for p in sources for b in range(p * bpp, min((p + 1) * bpp, num_blocks)) if st[b] == USED]
+    kept = sorted((p for p in used if p not in taken), key=lambda p: (-used[p], p))
+    slots = (b for p in kept for b in _free_slots(pages, p))  # lazily: only as many as move
     return list(zip(moved, slots, strict=False))
 
 
 def _room(pages: VllmPages, page: int) -> int:
-    return len(_free_slots(pages, page))
+    """How many blocks of ``page`` a move may take (``len(_free_slots(...))``, counted fast)."""
+    bpp = pages.blocks_per_page
+    start = page * bpp
+    room = pages.block_state[start:start + bpp].count(FREE)
+    if pages.cached_on[page]:
+        room += len(_free_slots(pages, page)) - room
+    return room
 
 
 def _free_slots(pages: VllmPages, page: int) -> list[int]:
@@ -150,9 +158,13 @@ def before_step(scheduler: Any) -> Moves | None:
     if now - state.last < INTERVAL_S or not _safe(scheduler, manager, pool) or not enabled(kv):
         return None
     state.last = now
-    owners = _owners(pool.req_to_blocks or {})
-    pairs = plan(kv, owners)
+    blocks = pool.blocks
+    held = {b.block_id for m in state.pending for b in m.sources}  # earlier sources, until copied
+    pairs = plan(kv, lambda b: blocks[b].ref_cnt == 1 and b not in held)
     if not pairs:
+        return None
+    owners = _owners(pool.req_to_blocks, {src for src, _ in pairs})
+    if len(owners) < len(pairs):  # a block held by something other than one request: leave it all
         return None
     moves = _apply(pool, kv, owners, pairs)
     state.pending.append(moves)
@@ -182,12 +194,12 @@ def _safe(scheduler: Any, manager: Any, pool: Any) -> bool:
             and managers[0].req_to_blocks is pool.req_to_blocks)
 
 
-def _owners(req_to_blocks: Mapping[str, Sequence[Any]]) -> dict[int, tuple[str, int]]:
-    """Block id -> (request, position) for every block exactly one request holds."""
+def _owners(req_to_blocks: Mapping[str, Sequence[Any]], wanted: set[int]) -> dict[int, tuple[str, int]]:
+    """Block id -> (request, position) for the ``wanted`` blocks a request holds."""
     owners: dict[int, tuple[str, int]] = {}
     for req_id, blocks in req_to_blocks.items():
         for pos, block in enumerate(blocks):
-            if block.ref_cnt == 1 and not block.is_null:
+            if block.block_id in wanted:
                 owners[block.block_id] = (req_id, pos)
     return owners
 

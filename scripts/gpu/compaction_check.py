@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Compaction on the GPU: moved blocks keep their KV data, so greedy outputs do not change.
+
+Run on the GPU machine after scripts/gpu/stage_vllm.sh and the kvcached install (as
+scripts/bench_serving/gpu_call.sh prepares them):
+
+    python3 scripts/gpu/compaction_check.py --model /tmp/llama8b --out $OUT
+
+One batch of requests (random prompts of 100-600 tokens; most stop after 16 tokens, a
+quarter run to 320) is generated greedily in a fresh vLLM process (offline ``LLM``,
+engine core in-process, dummy weights, eager) per configuration:
+
+* ``off``: kvcached with ``KVCACHED_COMPACT=off``;
+* ``on``: the same with compaction forced on (the short requests leave the long ones
+  scattered over page groups, so blocks move while they decode);
+* ``nocopy`` (the control): compaction on but the block copies dropped, the rows still
+  rewritten — outputs must change, or the check could not see a lost copy.
+
+for Model Runner V2 (vLLM 0.26's default for Llama) and the V1 runner. Exit 0 when "on"
+matches "off" token for token with blocks moved, and "nocopy" differs, for both runners.
+Writes $OUT/compaction_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+NUM_REQUESTS = 96
+
+
+def workload(seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1000, 100000) for _ in range(rng.randrange(100, 600))] for _ in range(NUM_REQUESTS)]
+    max_tokens = [320 if i % 4 == 0 else 16 for i in range(NUM_REQUESTS)]
+    return prompts, max_tokens
+
+
+def child(model: str, mode: str, result_path: str) -> None:
+    """One configuration, in this (fresh) process."""
+    os.environ.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_PACK="on",
+                      KVCACHED_COMPACT="off" if mode == "off" else "on", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    from kvcached.integrations.vllm import compaction, runtime
+
+    moved = {"blocks": 0, "steps": 0}
+    before_step = compaction.before_step
+
+    def counting(scheduler):  # the scheduler patch calls compaction.before_step by name
+        moves = before_step(scheduler)
+        if moves is not None:
+            moved["blocks"] += len(moves.pairs)
+            moved["steps"] += 1
+        return moves
+
+    compaction.before_step = counting
+    if mode == "nocopy":
+        def attach(output, moves):  # rows rewritten, bytes not copied
+            output.kvcached_moves = moves
+
+        compaction.attach = attach
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, load_format="dummy", enforce_eager=True, max_model_len=2048, seed=0,
+              enable_prefix_caching=True)
+    prompts, max_tokens = workload()
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    t0 = time.time()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    took = time.time() - t0
+    kv = runtime.worker_kv()
+    stats = kv.pages.stats() if kv is not None and kv.pages is not None else None
+    with open(result_path, "w") as f:
+        json.dump({
+            "mode": mode, "runner": "v2" if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1" else "v1",
+            "tokens": [list(o.outputs[0].token_ids) for o in outs], "moved_blocks": moved["blocks"],
+            "moving_steps": moved["steps"], "generate_s": round(took, 2),
+            "rewrites_blocks": bool(kv is not None and kv.rewrites_blocks),
+            "mapped_mib_after": None if stats is None else stats.mapped_bytes >> 20,
+        }, f)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    ap.add_argument("--child", choices=("off", "on", "nocopy"), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.model, a.child, a.result)
+        return 0
+    os.makedirs(a.out, exist_ok=True)
+    runs: dict[str, dict] = {}
+    for runner, v2 in (("v2", "1"), ("v1", "0")):
+        for mode in ("off", "on", "nocopy"):
+            name = f"{runner}-{mode}"
+            path = os.path.join(a.out, f"compaction_{name}.json")
+            log = os.path.join(a.out, f"compaction_{name}.log")
+            env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER=v2)
+            t0 = time.time()
+            with open(log, "w") as f:
+                rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", a.model, "--child", mode,
+                                     "--result", path], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            if rc != 0 or not os.path.exists(path):
+                print(f"[{name}] exited {rc} after {time.time() - t0:.0f} s; tail of {log}:")
+                with open(log) as f:
+                    print("".join(f.readlines()[-30:]))
+                runs[name] = {"rc": rc}
+                continue
+            with open(path) as f:
+                runs[name] = json.load(f)
+            r = runs[name]
+            print(f"[{name}] {time.time() - t0:.0f} s: generate {r['generate_s']} s, moved {r['moved_blocks']} blocks "
+                  f"in {r['moving_steps']} steps, worker rewrites {r['rewrites_blocks']}, mapped after {r['mapped_mib_after']} MiB")
+    ok = True
+    summary = {}
+    for runner in ("v2", "v1"):
+        off, on, nocopy = (runs.get(f"{runner}-{m}", {}) for m in ("off", "on", "nocopy"))
+        if "tokens" not in off or "tokens" not in on or "tokens" not in nocopy:
+            ok = False
+            summary[runner] = "a run failed"
+            continue
+        same = sum(x == y for x, y in zip(off["tokens"], on["tokens"], strict=True))
+        differ = sum(x != y for x, y in zip(off["tokens"], nocopy["tokens"], strict=True))
+        passed = same == NUM_REQUESTS and on["moved_blocks"] > 0 and differ > 0 and nocopy["moved_blocks"] > 0
+        ok &= passed
+        summary[runner] = (f"{'PASS' if passed else 'FAIL'}: on = off for {same}/{NUM_REQUESTS} requests "
+                           f"({on['moved_blocks']} blocks moved); without the copy {differ} differ")
+        print(f"{runner}: {summary[runner]}")
+    with open(os.path.join(a.out, "compaction_check.json"), "w") as f:
+        json.dump({"summary": summary, "runs": {k: {kk: vv for kk, vv in v.items() if kk != "tokens"}
+                                                  for k, v in runs.items()}}, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
