@@ -89,6 +89,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    ap.add_argument("--runners", default="v2,v1", help="which model runners, of v2 and v1 (default both)")
     ap.add_argument("--child", choices=("off", "on", "nocopy"), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -97,7 +98,11 @@ def main() -> int:
         return 0
     os.makedirs(a.out, exist_ok=True)
     runs: dict[str, dict] = {}
-    for runner, v2 in (("v2", "1"), ("v1", "0")):
+    runners = [r for r in a.runners.split(",") if r]
+    if not runners or any(r not in ("v1", "v2") for r in runners):
+        ap.error(f"--runners takes v1 and/or v2, got {a.runners!r}")
+    for runner in runners:
+        v2 = "1" if runner == "v2" else "0"
         for mode in ("off", "on", "nocopy"):
             name = f"{runner}-{mode}"
             path = os.path.join(a.out, f"compaction_{name}.json")
@@ -120,7 +125,7 @@ def main() -> int:
                   f"in {r['moving_steps']} steps, worker rewrites {r['rewrites_blocks']}, mapped after {r['mapped_mib_after']} MiB")
     ok = True
     summary = {}
-    for runner in ("v2", "v1"):
+    for runner in runners:
         off, on, nocopy = (runs.get(f"{runner}-{m}", {}) for m in ("off", "on", "nocopy"))
         if "tokens" not in off or "tokens" not in on or "tokens" not in nocopy:
             ok = False
