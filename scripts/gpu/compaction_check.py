@@ -43,8 +43,6 @@ def workload(seed: int = 0) -> tuple[list[list[int]], list[int]]:
 
 def child(model: str, mode: str, result_path: str) -> None:
     """One configuration, in this (fresh) process."""
-    os.environ.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_PACK="on",
-                      KVCACHED_COMPACT="off" if mode == "off" else "on", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     from kvcached.integrations.vllm import compaction, runtime
 
     moved = {"blocks": 0, "steps": 0}
@@ -97,6 +95,8 @@ def main() -> int:
         child(a.model, a.child, a.result)
         return 0
     os.makedirs(a.out, exist_ok=True)
+    work = "/tmp/compaction_runs"  # per-run results and logs; $OUT gets the summary (its file limit)
+    os.makedirs(work, exist_ok=True)
     runs: dict[str, dict] = {}
     runners = [r for r in a.runners.split(",") if r]
     if not runners or any(r not in ("v1", "v2") for r in runners):
@@ -105,18 +105,21 @@ def main() -> int:
         v2 = "1" if runner == "v2" else "0"
         for mode in ("off", "on", "nocopy"):
             name = f"{runner}-{mode}"
-            path = os.path.join(a.out, f"compaction_{name}.json")
-            log = os.path.join(a.out, f"compaction_{name}.log")
-            env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER=v2)
+            path = os.path.join(work, f"{name}.json")
+            log = os.path.join(work, f"{name}.log")
+            # Set before the child starts: kvcached's import hook reads them at interpreter start.
+            env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER=v2, ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1",
+                       KVCACHED_PACK="on", KVCACHED_COMPACT="off" if mode == "off" else "on",
+                       VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0")  # flashinfer is not staged
             t0 = time.time()
             with open(log, "w") as f:
                 rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", a.model, "--child", mode,
                                      "--result", path], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             if rc != 0 or not os.path.exists(path):
-                print(f"[{name}] exited {rc} after {time.time() - t0:.0f} s; tail of {log}:")
                 with open(log) as f:
-                    print("".join(f.readlines()[-30:]))
-                runs[name] = {"rc": rc}
+                    tail = f.readlines()[-30:]
+                print(f"[{name}] exited {rc} after {time.time() - t0:.0f} s; tail of {log}:\n{''.join(tail)}")
+                runs[name] = {"rc": rc, "log_tail": tail}
                 continue
             with open(path) as f:
                 runs[name] = json.load(f)
