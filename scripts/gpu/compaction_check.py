@@ -14,10 +14,11 @@ engine core in-process, dummy weights, eager) per configuration:
 * ``on``: the same with compaction forced on (the short requests leave the long ones
   scattered over page groups, so blocks move while they decode);
 * ``nocopy`` (the control): compaction on but the block copies dropped, the rows still
-  rewritten — outputs must change, or the check could not see a lost copy.
+  rewritten — logprobs must change, or the check could not see a lost copy (greedy
+  tokens of random weights barely depend on the context: they did not change).
 
 for Model Runner V2 (vLLM 0.26's default for Llama) and the V1 runner. Exit 0 when "on"
-matches "off" token for token with blocks moved, and "nocopy" differs, for both runners.
+matches "off" token for token and logprob for logprob with blocks moved, and "nocopy" differs, for both runners.
 Writes $OUT/compaction_check.json.
 """
 
@@ -67,7 +68,7 @@ def child(model: str, mode: str, result_path: str) -> None:
     llm = LLM(model=model, load_format="dummy", enforce_eager=True, max_model_len=2048, seed=0,
               enable_prefix_caching=True)
     prompts, max_tokens = workload()
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in max_tokens]
     t0 = time.time()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     took = time.time() - t0
@@ -76,7 +77,12 @@ def child(model: str, mode: str, result_path: str) -> None:
     with open(result_path, "w") as f:
         json.dump({
             "mode": mode, "runner": "v2" if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1" else "v1",
-            "tokens": [list(o.outputs[0].token_ids) for o in outs], "moved_blocks": moved["blocks"],
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            # The sampled tokens' logprobs: any change in what attention read shows here, where
+            # a random-weight model's argmax may not move.
+            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)]
+                         for o in outs],
+            "moved_blocks": moved["blocks"],
             "moving_steps": moved["steps"], "generate_s": round(took, 2),
             "rewrites_blocks": bool(kv is not None and kv.rewrites_blocks),
             "mapped_mib_after": None if stats is None else stats.mapped_bytes >> 20,
@@ -134,15 +140,16 @@ def main() -> int:
             ok = False
             summary[runner] = "a run failed"
             continue
-        same = sum(x == y for x, y in zip(off["tokens"], on["tokens"], strict=True))
-        differ = sum(x != y for x, y in zip(off["tokens"], nocopy["tokens"], strict=True))
-        passed = same == NUM_REQUESTS and on["moved_blocks"] > 0 and differ > 0 and nocopy["moved_blocks"] > 0
+        same = sum(x == y for x, y in zip(off["logprobs"], on["logprobs"], strict=True))
+        differ = sum(x != y for x, y in zip(off["logprobs"], nocopy["logprobs"], strict=True))
+        same_tokens = off["tokens"] == on["tokens"]
+        passed = same_tokens and same == NUM_REQUESTS and on["moved_blocks"] > 0 and differ > 0 and nocopy["moved_blocks"] > 0
         ok &= passed
-        summary[runner] = (f"{'PASS' if passed else 'FAIL'}: on = off for {same}/{NUM_REQUESTS} requests "
-                           f"({on['moved_blocks']} blocks moved); without the copy {differ} differ")
+        summary[runner] = (f"{'PASS' if passed else 'FAIL'}: tokens and logprobs on = off for {same}/{NUM_REQUESTS} "
+                           f"requests ({on['moved_blocks']} blocks moved); without the copy {differ} differ")
         print(f"{runner}: {summary[runner]}")
     with open(os.path.join(a.out, "compaction_check.json"), "w") as f:
-        json.dump({"summary": summary, "runs": {k: {kk: vv for kk, vv in v.items() if kk != "tokens"}
+        json.dump({"summary": summary, "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("tokens", "logprobs")}
                                                   for k, v in runs.items()}}, f, indent=1)
     return 0 if ok else 1
 
