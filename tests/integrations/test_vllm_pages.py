@@ -95,6 +95,21 @@ def test_limit_caps_mapping_and_lowering_it_evicts_cached_pages(make):
     pages.check_integrity()
 
 
+def test_blocks_freed_under_an_unmet_limit_go_back_in_the_next_round_not_on_the_callers_path(make):
+    pages, arena = make()
+    ids = list(range(16, 80))  # pages 1..4, all used
+    pages.ensure_mapped(pages.pages_of(ids))
+    pages.set_states(ids, USED)
+    assert not pages.set_limit_bytes(2 * 2 * PAGE)  # two groups; the used blocks keep five mapped
+    with pages.lock:  # as the block pool frees, with the scheduler holding the lock
+        pages.set_states(range(32, 80), FREE)
+        pages.enforce_soon()
+        assert arena.mapped_pages() == [0, 1, 2, 3, 4]  # nothing unmapped on this path
+    pages.maintain()
+    assert pages.limit_met and arena.mapped_pages() == [0, 1]
+    pages.check_integrity()
+
+
 def test_negative_limit_changes_nothing(make):
     pages, _ = make()
     with pytest.raises(ValueError, match="limit_bytes must be an integer >= 0"):

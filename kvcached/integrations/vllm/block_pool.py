@@ -141,7 +141,7 @@ class ElasticBlockPool(BlockPool):
             super().free_blocks(blocks)
             self._resync(blocks)
             if not self.kv.limit_met:
-                self.kv.set_limit_bytes(self.kv.limit_bytes)
+                self.kv.enforce_soon()  # off the scheduler's path: the unmap waits for no step
 
     def evict_blocks(self, block_ids: set[int]) -> None:
         with self.kv_lock:

@@ -122,6 +122,7 @@ class VllmPages:
         self._demand_bytes = 0
         self._closed = False
         self._wake = threading.Event()
+        self._limit_pending = False  # an unmet limit to apply again in the next round (enforce_soon)
         self._suspended = False
         self._limit_pages_saved = self._limit_pages
         # The null block is used forever: its page never empties. The worker may have
@@ -270,6 +271,13 @@ class VllmPages:
             going = upkeep.enforce_limit(self)
         self._finish_unmap(going)  # outside the lock (unless the caller holds it): the scheduler goes on
         return self.limit_met
+
+    def enforce_soon(self) -> None:
+        """Apply the limit again in the background thread's next round (woken now): blocks
+        were freed while it was unmet. The block pool calls this with the scheduler holding
+        the lock, where unmapping (~2 ms per page group) would hold up the step."""
+        self._limit_pending = True
+        self._wake.set()
 
     @property
     def limit_met(self) -> bool:

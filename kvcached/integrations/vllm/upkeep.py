@@ -8,7 +8,8 @@ memory returns after a peak while the engine still serves; and unmaps page group
 for ``trim_idle_s``, keeping the reserve (the first of the pages ahead, so the next
 request after a pause finds its page mapped).
 A limit lowered from the control plane gives page groups back the same way, at once
-(:func:`enforce_limit`); so does a peer's pressure (``VllmPages.trim_reserve``). Every
+(:func:`enforce_limit`), and again in the next round whenever blocks are freed while it is
+unmet; so does a peer's pressure (``VllmPages.trim_reserve``). Every
 unmap runs outside the lock, on groups marked ``UNMAPPING``.
 
 Functions of a :class:`~kvcached.integrations.vllm.pages.VllmPages`, which owns the
@@ -36,7 +37,13 @@ COLD_GRACE_S = 0.1
 
 
 def maintain(pages: VllmPages, now: float) -> None:
-    """One round of background work: map the wanted prefetch pages, trim idle ones."""
+    """One round of background work: apply a limit left unmet (``enforce_soon``), map the
+    wanted prefetch pages, trim idle ones."""
+    if pages._limit_pending:
+        with pages.lock:
+            pages._limit_pending = False
+            going = enforce_limit(pages)
+        pages._finish_unmap(going)
     with pages.lock:
         wanted = [p for p in pages._prefetch if pages.page_state[p] == UNMAPPED][: pages.room_pages()]
         pages._prefetch = []
