@@ -4,7 +4,7 @@
 Run on the GPU machine after scripts/gpu/stage_vllm.sh and the kvcached install (as
 scripts/bench_serving/gpu_call.sh prepares them):
 
-    python3 scripts/gpu/compaction_check.py --model /tmp/llama8b --out $OUT
+    python3 scripts/gpu/compaction_check.py --model /tmp/llama8b --weights /tmp/llama4l --out $OUT
 
 One batch of requests (random prompts of 100-600 tokens; most stop after 16 tokens, a
 quarter run to 320) is generated greedily in a fresh vLLM process (offline ``LLM``,
@@ -42,6 +42,31 @@ def workload(seed: int = 0) -> tuple[list[list[int]], list[int]]:
     return prompts, max_tokens
 
 
+def write_random_model(src: str, dst: str, layers: int = 4) -> None:
+    """``dst``: ``src``'s config and tokenizer with ``layers`` layers and real weights drawn
+    as a fresh model's (normal, std ``initializer_range``), so attention moves the logits.
+    vLLM's dummy weights (uniform ±1e-3) leave attention below bf16's resolution: with them
+    the output does not depend on what the KV cache holds, and a lost copy cannot show."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    if os.path.exists(os.path.join(dst, "model.safetensors")):
+        return
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name != "config.json" and os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), dst)
+    config = AutoConfig.from_pretrained(src)
+    config.num_hidden_layers = layers
+    config.tie_word_embeddings = True  # one 128k x 4096 matrix, not two
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(dst, safe_serialization=True, max_shard_size="20GB")
+
+
 def child(model: str, mode: str, result_path: str) -> None:
     """One configuration, in this (fresh) process."""
     from kvcached.integrations.vllm import compaction, runtime
@@ -65,7 +90,8 @@ def child(model: str, mode: str, result_path: str) -> None:
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, load_format="dummy", enforce_eager=True, max_model_len=2048, seed=0,
+    weights = "auto" if os.path.exists(os.path.join(model, "model.safetensors")) else "dummy"
+    llm = LLM(model=model, load_format=weights, enforce_eager=True, max_model_len=2048, seed=0,
               enable_prefix_caching=True)
     prompts, max_tokens = workload()
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in max_tokens]
@@ -91,7 +117,9 @@ def child(model: str, mode: str, result_path: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="a model folder (scripts/gpu/make_model.py)")
+    ap.add_argument("--weights", metavar="DIR",
+                    help="write a 4-layer copy of --model with real random weights to DIR and check with it")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--runners", default="v2,v1", help="which model runners, of v2 and v1 (default both)")
     ap.add_argument("--child", choices=("off", "on", "nocopy"), help=argparse.SUPPRESS)
@@ -101,6 +129,11 @@ def main() -> int:
         child(a.model, a.child, a.result)
         return 0
     os.makedirs(a.out, exist_ok=True)
+    if a.weights:
+        t0 = time.time()
+        write_random_model(a.model, a.weights)
+        print(f"model with random weights in {a.weights} ({time.time() - t0:.0f} s)")
+        a.model = a.weights
     work = "/tmp/compaction_runs"  # per-run results and logs; $OUT gets the summary (its file limit)
     os.makedirs(work, exist_ok=True)
     runs: dict[str, dict] = {}
