@@ -15,6 +15,8 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (see scripts/ci/setup_vllm_env.sh)")
 
+from vllm_helpers import kv_cache_config  # noqa: E402
+
 from kvcached.integrations import vllm as kv_vllm  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -35,7 +37,6 @@ def engine(monkeypatch):
     import torch
     import vllm.v1.worker.gpu.attn_utils as attn_utils
     from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     from kvcached.integrations.vllm import runtime
@@ -43,15 +44,8 @@ def engine(monkeypatch):
     monkeypatch.setenv("KVCACHED_PACK", "on")
     monkeypatch.setenv("KVCACHED_COMPACT", "on")
     monkeypatch.setattr(runtime, "_attach", lambda pages, kv: None)  # no control plane here
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float16)
-    page, num_blocks = spec.page_size_bytes, 2048  # 8 page groups of 256 blocks
-    layers = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
-    config = KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[KVCacheTensor(size=2 * page * num_blocks, layers=layers,
-                                        layer_stride=page * num_blocks, block_stride=page)],
-        kv_cache_groups=[KVCacheGroupSpec(layer_names=layers, kv_cache_spec=spec)],
-    )
+    config, layers = kv_cache_config(2048, 2, BLOCK)  # 8 page groups of 256 blocks
+    num_blocks = config.num_blocks
     tensors = attn_utils.allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
     worker = runtime.worker_kv()
     assert worker is not None and worker.num_blocks == num_blocks

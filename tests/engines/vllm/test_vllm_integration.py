@@ -14,6 +14,8 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (see scripts/ci/setup_vllm_env.sh)")
 
+from vllm_helpers import kv_cache_config  # noqa: E402
+
 from kvcached.integrations import vllm as kv_vllm  # noqa: E402
 from kvcached.integrations.hooks import when_imported  # noqa: E402
 
@@ -320,20 +322,12 @@ def test_kv_tensors_have_vllms_shapes_and_strides_over_the_arena():
     import torch
     import vllm.v1.worker.gpu.attn_utils as attn_utils
     import vllm.v1.worker.utils as worker_utils
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     from kvcached.integrations.vllm import runtime
 
-    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
-    page = spec.page_size_bytes
-    num_blocks, layers = 512, [f"model.layers.{i}.self_attn.attn" for i in range(4)]
-    config = KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[KVCacheTensor(size=4 * page * num_blocks, layers=layers,
-                                        layer_stride=page * num_blocks, block_stride=page)],
-        kv_cache_groups=[KVCacheGroupSpec(layer_names=layers, kv_cache_spec=spec)],
-    )
+    config, layers = kv_cache_config(512, 4)
+    num_blocks, page = config.num_blocks, config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
     ours = attn_utils.allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
     theirs = worker_utils.allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
     kv = runtime.worker_kv()
