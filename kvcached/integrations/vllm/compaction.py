@@ -116,12 +116,10 @@ def plan(pages: VllmPages, movable: Callable[[int], bool], max_moves: int = MAX_
 
 def _room(pages: VllmPages, page: int) -> int:
     """How many blocks of ``page`` a move may take (``len(_free_slots(...))``, counted fast)."""
-    bpp = pages.blocks_per_page
-    start = page * bpp
-    room = pages.block_state[start:start + bpp].count(FREE)
     if pages.cached_on[page]:
-        room += len(_free_slots(pages, page)) - room
-    return room
+        return len(_free_slots(pages, page))
+    start = page * pages.blocks_per_page
+    return pages.block_state[start:start + pages.blocks_per_page].count(FREE)
 
 
 def _free_slots(pages: VllmPages, page: int) -> list[int]:
@@ -150,10 +148,10 @@ def before_step(scheduler: Any) -> Moves | None:
         return None
     state = pool.__dict__.setdefault("_kvcached_compactor", _Compactor())
     if state.pending:
-        done = [m for m in state.pending if m.done()]
-        if done:
-            state.pending = [m for m in state.pending if not m.done()]
-            pool.free_blocks([b for m in done for b in m.sources])
+        finished = {id(m) for m in state.pending if m.done()}  # asked once: an event may pass meanwhile
+        if finished:
+            pool.free_blocks([b for m in state.pending if id(m) in finished for b in m.sources])
+            state.pending = [m for m in state.pending if id(m) not in finished]
     now = time.monotonic()
     if now - state.last < INTERVAL_S or not _safe(scheduler, manager, pool) or not enabled(kv):
         return None

@@ -238,3 +238,33 @@ def test_compaction_off_or_without_packing_moves_nothing(engine, monkeypatch):
     assert step(e).kv_cache_block_copies is None
     e.kv.pack = "on"
     assert step(e).kv_cache_block_copies
+
+
+def test_the_sources_stay_held_until_the_copys_event_has_passed(engine):
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from kvcached.integrations.vllm import compaction
+    from kvcached.integrations.vllm.states import FREE, USED
+
+    class Event:  # stands in for the CUDA event the worker records after the copy
+        passed = False
+
+        def query(self) -> bool:
+            return self.passed
+
+    e = engine
+    keep = scattered(e)
+    compaction.rewrite_v1(v1_runner(e, keep), SchedulerOutput.make_empty())
+    moves = step(e).kvcached_moves
+    sources = [src for src, _ in moves.pairs]
+    step(e)
+    assert all(e.kv.block_state[b] == USED for b in sources)  # the worker has not queued the copy yet
+    event = Event()
+    moves.copied(event)
+    step(e)
+    assert all(e.kv.block_state[b] == USED for b in sources)  # queued, not yet run on the GPU
+    event.passed = True
+    step(e)
+    assert all(e.kv.block_state[b] == FREE for b in sources)
+    assert all(e.pool.blocks[b].ref_cnt == 0 for b in sources)
+    e.kv.check_integrity()
