@@ -112,7 +112,7 @@ _VARS: list[EnvVar] = [
     EnvVar("KVCACHED_IDLE_CACHE_MAX", _parse_size, 256 << 20, "cold prefix cache an engine keeps mapped: cached blocks on pages untouched for 0.1 s (or KVCACHED_TRIM_IDLE_S if shorter) beyond this are evicted, their pages unmapped", "a size such as 256MiB"),
     EnvVar("KVCACHED_MAP_WAIT_S", _parse_nonneg_float, 30.0, "how long a vLLM engine waits for memory the budget or device refused after its capacity check, before it gives up", "a number >= 0"),
     EnvVar("KVCACHED_PACK", _parse_choice("auto", "on", "off"), "auto", "vLLM: hand out free blocks (and cached ones beyond KVCACHED_IDLE_CACHE_MAX) on mapped page groups before mapping another, a request's next to its own; auto: while the GPU has a budget", "auto, on, off"),
-    EnvVar("KVCACHED_COMPACT", _parse_choice("auto", "on", "off"), "auto", "vLLM: move running requests' blocks off sparse page groups into free slots of dense ones, so the groups go back (a GPU copy between steps); auto: whenever KVCACHED_PACK packs", "auto, on, off"),
+    EnvVar("KVCACHED_COMPACT", _parse_choice("auto", "on", "off"), "auto", "vLLM: move running requests' blocks off sparse page groups into free slots of dense ones, so the groups go back (a GPU copy between steps); auto: whenever KVCACHED_PACK packs or a limit is unmet", "auto, on, off"),
     EnvVar("KVCACHED_PREFIX_CACHE_MAX", _parse_size, 0, "SGLang: bytes of freed-but-cached prefix blocks kept (0: KVCACHED_IDLE_CACHE_MAX while the GPU has a budget, else no bound but the limit)", "a size such as 1GiB, or 0"),
     # Engine integrations.
     EnvVar("KVCACHED_VIRTUAL_BYTES", _parse_size, 0, "virtual KV size an engine reports (0: the device's total memory)", "a size such as 80GiB, or 0"),

@@ -24,7 +24,9 @@ ours:
 Only where it is safe: one full-attention KV cache group, no KV connector, worker and
 scheduler in one process (the worker says so by rewriting its first step), and only
 blocks one request owns (``ref_cnt`` 1; a shared prefix pins its group). On by default
-where kvcached packs (a GPU shared under a budget); ``KVCACHED_COMPACT`` overrides.
+where kvcached packs (a GPU shared under a budget) and while a limit is unmet (used blocks
+spread over more groups than the limit allows: moving them is how it gets met before the
+requests end); ``KVCACHED_COMPACT`` overrides.
 """
 
 from __future__ import annotations
@@ -72,18 +74,19 @@ class Moves:
 
 
 def enabled(pages: VllmPages) -> bool:
-    """``KVCACHED_COMPACT``: on, off, or auto (whenever the pool packs)."""
+    """``KVCACHED_COMPACT``: on, off, or auto (whenever the pool packs, or a limit is unmet)."""
     mode = envs.get("KVCACHED_COMPACT")
-    return mode == "on" or (mode == "auto" and placement.packs(pages))
+    return mode == "on" or (mode == "auto" and (not pages.limit_met or placement.packs(pages)))
 
 
-def plan(pages: VllmPages, movable: Callable[[int], bool], max_moves: int = MAX_MOVES) -> list[tuple[int, int]]:
+def plan(pages: VllmPages, movable: Callable[[int], bool], max_moves: int = MAX_MOVES,
+         min_gain: int = MIN_GAIN) -> list[tuple[int, int]]:
     """Which used blocks to move where: (source, destination) block ids.
 
     Sources are the used blocks of the sparsest mapped groups, each group whole (all its
     used blocks in ``movable``) or not at all, as long as the groups left keep room for
     them; destinations are free blocks on the densest groups left, then cached ones no
-    prefix hit reused. Nothing when the used blocks sit on fewer than ``MIN_GAIN`` groups
+    prefix hit reused. Nothing when the used blocks sit on fewer than ``min_gain`` groups
     more than they fill. ``movable(block_id)``: whether a used block may move. Read under
     the pages' lock; changes nothing.
     """
@@ -91,7 +94,7 @@ def plan(pages: VllmPages, movable: Callable[[int], bool], max_moves: int = MAX_
     used = {p: pages.held[p] - pages.cached_on[p] for p in range(1, pages.num_pages)
             if pages.page_state[p] == MAPPED and pages.held[p] > pages.cached_on[p]}
     total = sum(used.values())
-    if len(used) - -(-total // bpp) < MIN_GAIN:
+    if len(used) - -(-total // bpp) < min_gain:
         return []
     room = {p: _room(pages, p) for p in used}
     left = sum(room.values())
@@ -158,7 +161,9 @@ def before_step(scheduler: Any) -> Moves | None:
     state.last = now
     blocks = pool.blocks
     held = {b.block_id for m in state.pending for b in m.sources}  # earlier sources, until copied
-    pairs = plan(kv, lambda b: blocks[b].ref_cnt == 1 and b not in held)
+    # Under an unmet limit one group freed is worth a move: it is what stands between the
+    # engine and its limit (kvctl limit), and the freed sources wake the limit's unmap.
+    pairs = plan(kv, lambda b: blocks[b].ref_cnt == 1 and b not in held, min_gain=1 if not kv.limit_met else MIN_GAIN)
     if not pairs:
         return None
     owners = _owners(pool.req_to_blocks, {src for src, _ in pairs})

@@ -268,3 +268,29 @@ def test_the_sources_stay_held_until_the_copys_event_has_passed(engine):
     assert all(e.kv.block_state[b] == FREE for b in sources)
     assert all(e.pool.blocks[b].ref_cnt == 0 for b in sources)
     e.kv.check_integrity()
+
+
+def test_a_limit_below_the_groups_the_blocks_are_spread_over_is_met_before_they_end(engine, monkeypatch):
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from kvcached.integrations.vllm import compaction
+
+    e = engine
+    kv, manager = e.kv, e.manager
+    keep = scattered(e)
+    manager.free(keep[1])
+    manager.free(keep[2])  # two groups hold a quarter each: one group's worth, gain 1
+    compaction.rewrite_v1(v1_runner(e, [keep[0], keep[3]]), SchedulerOutput.make_empty())
+    assert step(e).kv_cache_block_copies is None  # a gain of one group is not worth a move ...
+    monkeypatch.setenv("KVCACHED_COMPACT", "auto")
+    kv.pack = "off"  # ... and auto does not compact an engine that does not pack, unless:
+    assert not kv.set_limit_bytes(2 * kv.group_bytes)  # group 0 and one more: the used blocks keep three
+    e.pool._kvcached_compactor.last = 0.0
+    output = step(e)
+    assert output.kv_cache_block_copies  # under the unmet limit one group is worth it
+    assert groups_of(e, keep[0]) == groups_of(e, keep[3])
+    compaction.copy_queued(output.kvcached_moves)
+    step(e)  # the sources are freed, which wakes the limit's unmap
+    kv.maintain()
+    assert kv.limit_met and kv.mapper.mapped_bytes <= 2 * kv.group_bytes
+    kv.check_integrity()
