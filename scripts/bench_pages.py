@@ -45,6 +45,7 @@ BLOCK_TOKENS = 16
 class Request:
     total_tokens: int
     tokens: int
+    rid: str = ""
     blocks: list[Any] = field(default_factory=list)
 
 
@@ -98,7 +99,7 @@ def poisson(rate: float, seconds: float, seed: int) -> list[float]:
 def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int) -> dict[str, Any]:
     """Drive ``pool`` with requests arriving at ``send_times`` (s from the start) until all
     have finished; counts, per-call costs, and a sample of the pages after every step."""
-    from kvcached.integrations.vllm import placement
+    from kvcached.integrations.vllm import compaction, placement
 
     kv = getattr(pool, "kv", None)
     serial = itertools.count(seed << 40)
@@ -118,7 +119,7 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
     t0 = time.monotonic()
     next_arrival = t0 + next(arrivals, float("inf"))
     next_step = t0
-    admitted = finished = 0
+    admitted = finished = moved = 0
 
     def take(n: int, held: list[Any]) -> list[Any]:
         t = time.perf_counter()
@@ -133,7 +134,7 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
             break
         while next_arrival <= now:
             prompt, output = next(sizes)
-            req = Request(prompt + output, prompt)
+            req = Request(prompt + output, prompt, f"r{admitted}")
             req.blocks = take(-(-(prompt + 1) // BLOCK_TOKENS), [])
             running.append(req)
             admitted += 1
@@ -154,6 +155,12 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
                 still.append(req)
             running = still
             if kv is not None:
+                # Compaction as the scheduler patch runs it (KVCACHED_COMPACT); no bytes to copy here.
+                with kv.lock:
+                    moves = compaction.compact(pool, {r.rid: r.blocks for r in running})
+                if moves is not None:
+                    moves.copied(None)
+                    moved += len(moves.pairs)
                 stats = kv.stats()
                 mapped.append(stats.mapped_bytes / kv.group_bytes)
                 used.append(stats.used_bytes / kv.group_bytes)
@@ -174,6 +181,8 @@ def run(pool: Any, send_times: list[float], kind: str, step_s: float, seed: int)
         "maps_per_s": round(maps / elapsed, 2),
         "unmaps_per_s": round(unmaps / elapsed, 2),
         "sync_maps_per_request": round(sync / max(1, finished), 3),
+        "compact": compaction.enabled(pool.kv) if kv is not None else None,
+        "moved_blocks": moved,
         "mapped_groups_mean": round(statistics.mean(mapped), 2) if mapped else None,
         "used_groups_mean": round(statistics.mean(used), 2) if used else None,
         "cached_groups_mean": round(statistics.mean(cached), 2) if cached else None,

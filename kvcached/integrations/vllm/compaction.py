@@ -43,7 +43,7 @@ from kvcached.integrations.vllm.states import CACHED, FREE, MAPPED, USED
 if TYPE_CHECKING:
     from kvcached.integrations.vllm.pages import VllmPages
 
-__all__ = ["Moves", "before_step", "enabled", "plan", "rewrite_v1", "rewrite_v2"]
+__all__ = ["Moves", "attach", "before_step", "compact", "copy_queued", "enabled", "plan", "rewrite_v1", "rewrite_v2"]
 
 # A round runs at most this often (it scans the page groups, and the running requests'
 # block lists when it moves) and moves at most this many blocks (2 MiB each for an 8B
@@ -141,14 +141,22 @@ class _Compactor:
 
 
 def before_step(scheduler: Any) -> Moves | None:
-    """Under the pool's lock, before vLLM schedules a step: free the sources of earlier
-    moves whose copy has run, then (at most every ``INTERVAL_S``) move blocks. The moves
-    returned must reach this step's output (:func:`attach`)."""
+    """Under the pool's lock, before vLLM schedules a step: :func:`compact` its block pool,
+    if this engine can move blocks at all (:func:`_safe`). The moves returned must reach
+    this step's output (:func:`attach`)."""
     manager = getattr(scheduler, "kv_cache_manager", None)
     pool = getattr(manager, "block_pool", None)
-    kv: VllmPages | None = getattr(pool, "kv", None)
-    if pool is None or kv is None:
+    if pool is None or getattr(pool, "kv", None) is None:
         return None
+    return compact(pool, pool.req_to_blocks or {}, lambda: _safe(scheduler, manager, pool))
+
+
+def compact(pool: Any, req_to_blocks: Mapping[str, list[Any]], safe: Callable[[], bool] = lambda: True) -> Moves | None:
+    """One round on an ``ElasticBlockPool`` whose running requests hold ``req_to_blocks``
+    (under its lock): free the sources of earlier moves whose copy has run, then (at most
+    every ``INTERVAL_S``, when ``safe()`` and :func:`enabled`) move blocks. The caller gets
+    the moves to the worker, which calls :meth:`Moves.copied` once the copy is queued."""
+    kv: VllmPages = pool.kv
     state = pool.__dict__.setdefault("_kvcached_compactor", _Compactor())
     if state.pending:
         finished = {id(m) for m in state.pending if m.done()}  # asked once: an event may pass meanwhile
@@ -156,7 +164,7 @@ def before_step(scheduler: Any) -> Moves | None:
             pool.free_blocks([b for m in state.pending if id(m) in finished for b in m.sources])
             state.pending = [m for m in state.pending if id(m) not in finished]
     now = time.monotonic()
-    if now - state.last < INTERVAL_S or not _safe(scheduler, manager, pool) or not enabled(kv):
+    if now - state.last < INTERVAL_S or not safe() or not enabled(kv):
         return None
     state.last = now
     blocks = pool.blocks
@@ -166,10 +174,10 @@ def before_step(scheduler: Any) -> Moves | None:
     pairs = plan(kv, lambda b: blocks[b].ref_cnt == 1 and b not in held, min_gain=1 if not kv.limit_met else MIN_GAIN)
     if not pairs:
         return None
-    owners = _owners(pool.req_to_blocks, {src for src, _ in pairs})
+    owners = _owners(req_to_blocks, {src for src, _ in pairs})
     if len(owners) < len(pairs):  # a block held by something other than one request: leave it all
         return None
-    moves = _apply(pool, kv, owners, pairs)
+    moves = _apply(pool, kv, req_to_blocks, owners, pairs)
     state.pending.append(moves)
     return moves
 
@@ -207,7 +215,8 @@ def _owners(req_to_blocks: Mapping[str, Sequence[Any]], wanted: set[int]) -> dic
     return owners
 
 
-def _apply(pool: Any, kv: VllmPages, owners: Mapping[int, tuple[str, int]], pairs: list[tuple[int, int]]) -> Moves:
+def _apply(pool: Any, kv: VllmPages, req_to_blocks: Mapping[str, list[Any]], owners: Mapping[int, tuple[str, int]],
+           pairs: list[tuple[int, int]]) -> Moves:
     """Hand each destination to the source's request and prefix-cache entries; keep the
     source held (USED) until the copy ran."""
     blocks, queue, reused = pool.blocks, pool.free_block_queue, kv.reused
@@ -229,7 +238,7 @@ def _apply(pool: Any, kv: VllmPages, owners: Mapping[int, tuple[str, int]], pair
             else:
                 pool._maybe_evict_cached_block(src)
         reused[dst_id] = reused[src_id]
-        row = pool.req_to_blocks[req_id]
+        row = req_to_blocks[req_id]
         row[pos] = dst
         rows[req_id] = row
         sources.append(src)
