@@ -49,6 +49,9 @@ def measure(mode: str, running: int, steps: int, num_blocks: int, blocks_per_pag
         from kvcached.integrations.vllm import testing  # noqa: F401  (arms the patches)
 
         register_arena(num_blocks, blocks_per_page)
+        from kvcached.integrations.vllm import runtime
+
+        runtime.worker_kv().rewrites_blocks = True  # type: ignore[union-attr]  # as our worker patch says
         if os.environ.get("BENCH_NO_NEAR") == "1":  # ablation: packing without keeping a request's blocks together
             from kvcached.integrations.vllm import placement
 
@@ -110,11 +113,15 @@ def measure(mode: str, running: int, steps: int, num_blocks: int, blocks_per_pag
     times: list[float] = []
     cpu: list[float] = []
     syncs: list[int] = []
-    finished = tokens = 0
+    finished = tokens = moved = 0
     kvpages = getattr(sched.kv_cache_manager.block_pool, "kv", None)
     for _ in range(steps):
         t, c = time.perf_counter(), time.thread_time()
         out = sched.schedule()
+        moves = getattr(out, "kvcached_moves", None)  # compaction (KVCACHED_COMPACT): no bytes to copy here
+        if moves is not None:
+            moves.copied(None)
+            moved += len(moves.pairs)
         ids = list(out.num_scheduled_tokens)
         tokens += out.total_num_scheduled_tokens
         mro = ModelRunnerOutput(
@@ -160,6 +167,7 @@ def measure(mode: str, running: int, steps: int, num_blocks: int, blocks_per_pag
         res["sync_maps_steady"] = syncs[-1] - syncs[len(syncs) // 4]
         res["maps"] = stats.num_pages_mapped_total
         res["in_control_plane"] = kv is not None and kv.handle is not None
+        res["moved_blocks"] = moved
     return res
 
 
