@@ -31,6 +31,7 @@ requests end); ``KVCACHED_COMPACT`` overrides.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from kvcached.integrations.vllm.pages import VllmPages
 
 __all__ = ["Moves", "attach", "before_step", "compact", "copy_queued", "enabled", "plan", "rewrite_v1", "rewrite_v2"]
+
+_log = logging.getLogger("kvcached.vllm")
 
 # A round runs at most this often (it scans the page groups, and the running requests'
 # block lists when it moves) and moves at most this many blocks (2 MiB each for an 8B
@@ -138,6 +141,7 @@ class _Compactor:
     def __init__(self) -> None:
         self.pending: list[Moves] = []
         self.last = 0.0
+        self.moved = 0  # blocks moved so far
 
 
 def before_step(scheduler: Any) -> Moves | None:
@@ -179,6 +183,11 @@ def compact(pool: Any, req_to_blocks: Mapping[str, list[Any]], safe: Callable[[]
         return None
     moves = _apply(pool, kv, req_to_blocks, owners, pairs)
     state.pending.append(moves)
+    if not state.moved:
+        _log.info("kvcached: compaction moved %d KV blocks off sparse page groups (KVCACHED_COMPACT=off disables it)",
+                  len(pairs))
+    state.moved += len(pairs)
+    _log.debug("kvcached: compaction moved %d blocks (%d in all)", len(pairs), state.moved)
     return moves
 
 

@@ -146,7 +146,8 @@ def v1_runner(engine, reqs):
     )
 
 
-def test_one_step_later_the_leftovers_share_one_group_with_their_data_rows_and_prefix_entries(engine, monkeypatch):
+def test_one_step_later_the_leftovers_share_one_group_with_their_data_rows_and_prefix_entries(engine, monkeypatch,
+                                                                                              caplog):
     import time
 
     import vllm.utils.torch_utils as torch_utils
@@ -172,7 +173,9 @@ def test_one_step_later_the_leftovers_share_one_group_with_their_data_rows_and_p
 
     assert step(e).kv_cache_block_copies is None  # the worker has not shown it rewrites rows yet
     compaction.rewrite_v1(runner, SchedulerOutput.make_empty())  # its first step: it does
-    output = step(e)
+    with caplog.at_level("INFO", logger="kvcached.vllm"):
+        output = step(e)
+    assert "compaction moved 192 KV blocks" in caplog.text  # said once, at the first move
     moves = output.kvcached_moves
     assert {g for r in keep for g in groups_of(e, r)} == homes[0]  # the scheduler's lists
     assert sorted(src for src, _ in output.kv_cache_block_copies) == sorted(
