@@ -18,8 +18,8 @@ ours:
 * the worker side (:func:`rewrite_v1` / :func:`rewrite_v2`, before the runner applies
   the step): the request's row of the block table is rewritten, since vLLM's worker
   only ever appends to a running request's row. After the runner queued the copy,
-  :meth:`Moves.copied` records a CUDA event; once it has passed, the next step frees the
-  sources.
+  :func:`copy_queued` records a CUDA event on the same stream; once it has passed, the
+  next step frees the sources.
 
 Only where it is safe: one full-attention KV cache group, no KV connector, worker and
 scheduler in one process (the worker says so by rewriting its first step), and only
