@@ -47,6 +47,7 @@ __all__ = [
     "find_gpu",
     "find_or_create_gpu",
     "is_dead",
+    "name_from_model",
     "read_control",
     "read_slot",
     "reclaim_dead",
@@ -125,6 +126,15 @@ def check_name(name: str) -> str:
             f"bad engine name {name!r}: use 1-63 of A-Z a-z 0-9 . _ : @ + / = -, starting with a letter or digit"
         )
     return name
+
+
+def name_from_model(model: str, default: str) -> str:
+    """A valid engine name for a served model when none was given: ``vllm serve
+    /models/llama-8b`` serves "/models/llama-8b", which :func:`check_name` refuses. Other
+    characters become ``-``, the last 63 are kept, leading non-alphanumerics dropped;
+    ``default`` when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9._:@+/=-]", "-", model)[-63:]
+    return re.sub(r"^[^A-Za-z0-9]+", "", name) or default
 
 
 def _fit(text: str, num_bytes: int) -> bytes:

@@ -89,6 +89,17 @@ def test_bad_names(seg: Segment, name: str) -> None:
     assert all(slot.state == EngineState.FREE for slot in seg.slots)
 
 
+@pytest.mark.parametrize(("model", "name"), [
+    ("/tmp/llama8b", "tmp/llama8b"), ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B"), ("./m", "m"),
+    ("my model", "my-model"), ("naïve", "na-ve"), ("/", "dflt"), ("/" + "a" * 100, "a" * 63),
+])
+def test_a_served_models_path_makes_a_name_the_registry_takes(seg: Segment, model: str, name: str) -> None:
+    from kvcached.control import registry
+
+    assert registry.name_from_model(model, "dflt") == name
+    _claim(seg, name)  # accepted
+
+
 def test_dead_slot_is_reclaimed_and_its_bytes_return(seg: Segment) -> None:
     live, _ = _claim(seg, "live")
     dead, _ = _claim(seg, "dead")

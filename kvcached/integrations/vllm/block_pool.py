@@ -29,7 +29,7 @@ from typing import Any
 from vllm.v1.core.block_pool import BlockPool
 
 from kvcached import envs
-from kvcached.integrations.vllm import placement, runtime
+from kvcached.integrations.vllm import compaction, placement, runtime
 from kvcached.integrations.vllm.pages import CACHED, FREE, USED, VllmPages
 
 __all__ = ["ElasticBlockPool"]
@@ -47,6 +47,7 @@ class ElasticBlockPool(BlockPool):
         # for, and where its blocks are listed. While packing, new ones go next to them.
         self.allocating_for: str | None = None
         self.req_to_blocks: Mapping[str, list[Any]] | None = None
+        self.compactor = compaction.Compactor()  # blocks moved together between steps
 
     # -- capacity -------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from kvcached.integrations.vllm.states import CACHED, FREE, MAPPED, USED
 if TYPE_CHECKING:
     from kvcached.integrations.vllm.pages import VllmPages
 
-__all__ = ["Moves", "attach", "before_step", "compact", "copy_queued", "enabled", "plan", "rewrite_v1", "rewrite_v2"]
+__all__ = ["Compactor", "Moves", "attach", "before_step", "compact", "copy_queued", "enabled", "plan", "rewrite_v1", "rewrite_v2"]
 
 _log = logging.getLogger("kvcached.vllm")
 
@@ -135,8 +135,9 @@ def _free_slots(pages: VllmPages, page: int) -> list[int]:
     return [b for b in ids if st[b] == FREE] + [b for b in ids if st[b] == CACHED and not reused[b]]
 
 
-class _Compactor:
-    """Per block pool: moves waiting for their copy, and when the last round ran."""
+class Compactor:
+    """Per block pool (``ElasticBlockPool.compactor``): moves waiting for their copy, and
+    when the last round ran."""
 
     def __init__(self) -> None:
         self.pending: list[Moves] = []
@@ -161,7 +162,7 @@ def compact(pool: Any, req_to_blocks: Mapping[str, list[Any]], safe: Callable[[]
     every ``INTERVAL_S``, when ``safe()`` and :func:`enabled`) move blocks. The caller gets
     the moves to the worker, which calls :meth:`Moves.copied` once the copy is queued."""
     kv: VllmPages = pool.kv
-    state = pool.__dict__.setdefault("_kvcached_compactor", _Compactor())
+    state: Compactor = pool.compactor
     if state.pending:
         finished = {id(m) for m in state.pending if m.done()}  # asked once: an event may pass meanwhile
         if finished:

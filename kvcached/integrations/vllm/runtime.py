@@ -15,7 +15,6 @@ that configuration at start (see :mod:`kvcached.integrations.vllm.worker`).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 from kvcached import _vmm, envs
 from kvcached.integrations.vllm.pages import VllmPages
 
-__all__ = ["WorkerKV", "current_pages", "engine_name", "make_pages", "register_worker_kv", "worker_kv"]
+__all__ = ["WorkerKV", "current_pages", "make_pages", "register_worker_kv", "worker_kv"]
 
 _log = logging.getLogger("kvcached.vllm")
 _lock = threading.Lock()
@@ -124,18 +123,10 @@ def _standalone_pages(
     )
 
 
-def engine_name(model: str) -> str:
-    """A control-plane name for a served model: ``vllm serve /models/llama-8b`` serves
-    "/models/llama-8b", and names start with a letter or digit and hold at most 63 of
-    ``A-Z a-z 0-9 . _ : @ + / = -``."""
-    name = re.sub(r"[^A-Za-z0-9._:@+/=-]", "-", model)[-63:]
-    return re.sub(r"^[^A-Za-z0-9]+", "", name) or "vllm"
-
-
 def _attach(pages: VllmPages, kv: WorkerKV) -> Any:
-    from kvcached.control import attach_engine
+    from kvcached.control import attach_engine, registry
 
-    name = envs.get("KVCACHED_ENGINE_NAME") or engine_name(kv.model_name)
+    name = envs.get("KVCACHED_ENGINE_NAME") or registry.name_from_model(kv.model_name, "vllm")
     try:
         backend: Any = kv.backend
         return attach_engine(pages, name, kv.model_name, "vllm", arena=kv.arena, backend=backend)

@@ -221,7 +221,7 @@ def test_a_shared_block_pins_its_group_and_the_rest_joins_it(engine):
     assert {g for r in keep[:3] for g in groups_of(e, r)} == homes[3]  # ... the others join it there
     assert len(output.kv_cache_block_copies) == 3 * len(block_ids(e, keep[1]))
     compaction.copy_queued(output.kvcached_moves)
-    e.pool._kvcached_compactor.last = 0.0
+    e.pool.compactor.last = 0.0
     assert step(e).kv_cache_block_copies is None  # all on one group: nothing more to gain
     e.kv.check_integrity()
 
@@ -288,7 +288,7 @@ def test_a_limit_below_the_groups_the_blocks_are_spread_over_is_met_before_they_
     monkeypatch.setenv("KVCACHED_COMPACT", "auto")
     kv.pack = "off"  # ... and auto does not compact an engine that does not pack, unless:
     assert not kv.set_limit_bytes(2 * kv.group_bytes)  # group 0 and one more: the used blocks keep three
-    e.pool._kvcached_compactor.last = 0.0
+    e.pool.compactor.last = 0.0
     output = step(e)
     assert output.kv_cache_block_copies  # under the unmet limit one group is worth it
     assert groups_of(e, keep[0]) == groups_of(e, keep[3])
