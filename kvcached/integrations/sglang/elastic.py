@@ -64,17 +64,20 @@ def live_stores() -> list[ElasticKV]:
 
 def resolve_engine_name() -> str | None:
     """``KVCACHED_ENGINE_NAME``, else the ``--served-model-name`` or ``--model-path`` of
-    this process's command line; None when neither is known (no registration)."""
+    this process's command line made a valid name (a path "/models/llama" registers as
+    "models/llama"); None when neither is known (no registration)."""
     name = str(envs.get("KVCACHED_ENGINE_NAME"))
     if name:
         return name
+    from kvcached.control import registry
+
     argv = sys.argv
     for flag in ("--served-model-name", "--model-path", "--model"):
         for i, arg in enumerate(argv):
             if arg == flag and i + 1 < len(argv):
-                return argv[i + 1]
+                return registry.name_from_model(argv[i + 1], "sglang")
             if arg.startswith(flag + "="):
-                return arg.split("=", 1)[1]
+                return registry.name_from_model(arg.split("=", 1)[1], "sglang")
     return None
 
 

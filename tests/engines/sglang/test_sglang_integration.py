@@ -550,7 +550,7 @@ def test_engine_name_is_the_served_model_name_by_default(monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     assert resolve_engine_name() == "llama-x"
     monkeypatch.setattr(sys, "argv", ["sglang.launch_server", "--model-path=/models/llama"])
-    assert resolve_engine_name() == "/models/llama"
+    assert resolve_engine_name() == "models/llama"  # a valid name: "/models/llama" is refused at attach
     monkeypatch.setenv("KVCACHED_ENGINE_NAME", "chosen")  # kvctl launch --name
     assert resolve_engine_name() == "chosen"
 
