@@ -145,6 +145,7 @@ def meta(bench: Bench) -> dict[str, Any]:
     except ImportError:
         m["vllm"] = None
     m["commit"] = os.environ.get("KVCACHED_COMMIT", "")
+    m["kvcached_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVCACHED_") and k != "KVCACHED_COMMIT"}
     m["budget_bytes"], m["floor_bytes"] = bench.args.budget_bytes, bench.args.floor_bytes
     m["startup_s"] = bench.startup_s
     return m
