@@ -120,7 +120,7 @@ def max_delta(a: dict, b: dict) -> float:
     differing token (after it, the contexts differ and so may everything)."""
     worst = 0.0
     for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"], strict=True):
-        for xa, xb, pa, pb in zip(ta, tb, la, lb):
+        for xa, xb, pa, pb in zip(ta, tb, la, lb, strict=False):
             worst = max(worst, abs(pa - pb))
             if xa != xb:
                 break
