@@ -28,7 +28,9 @@ export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAG
 src_id=$(find kvcached kvctl csrc CMakeLists.txt pyproject.toml -type f -not -path '*/__pycache__/*' -not -path 'kvcached/integrations/sglang/*' | sort | xargs cat | sha256sum | cut -c1-16)
 if [ "$(cat /tmp/kvcached.id 2>/dev/null)" != "$src_id" ]; then
     python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
-    (cd /tmp && python3 -c "import kvcached._vmm as v; print('kvcached backends:', v.backend_status())") || exit 1
+    # kvcached.control too: its posix_ipc comes with the payload, not the image (a lease
+    # once lost its engine runs to a ModuleNotFoundError raised minutes into start-up)
+    (cd /tmp && python3 -c "import kvcached._vmm as v, kvcached.control; print('kvcached backends:', v.backend_status())") || exit 1
     echo "$src_id" > /tmp/kvcached.id
 fi
 [ -f "$MODEL/config.json" ] || python3 scripts/gpu/make_model.py "$MODEL" || exit 1

@@ -47,13 +47,13 @@ def write_random_model(src: str, dst: str, layers: int = 4) -> None:
     as a fresh model's (normal, std ``initializer_range``), so attention moves the logits.
     vLLM's dummy weights (uniform ±1e-3) leave attention below bf16's resolution: with them
     the output does not depend on what the KV cache holds, and a lost copy cannot show."""
+    if os.path.exists(os.path.join(dst, "model.safetensors")):  # before the imports: they take ~15 s
+        return
     import shutil
 
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
-    if os.path.exists(os.path.join(dst, "model.safetensors")):
-        return
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
         if name != "config.json" and os.path.isfile(os.path.join(src, name)):
@@ -140,6 +140,11 @@ def main() -> int:
     if a.child:
         child(a.model, a.child, a.result)
         return 0
+    try:  # what every child's engine imports first: fail here, not after a minute of start-up per child
+        import kvcached.control  # noqa: F401
+    except ImportError as e:
+        print(f"compaction_check: kvcached cannot run here ({e}); stage the payload and install kvcached first")
+        return 2
     os.makedirs(a.out, exist_ok=True)
     if a.weights:
         t0 = time.time()

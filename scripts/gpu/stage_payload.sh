@@ -24,7 +24,7 @@ case "$ENGINE" in
     vllm)
         STAGE=.stage KV=${KVSTAGE:-/tmp/kvstage} SITE=${SITE:-/tmp/site}
         CHECK=scripts/gpu/check_vllm_imports.py
-        VERSIONS="torch transformers tokenizers triton numpy typing_extensions anyio httpx h11 click prometheus_client annotated_doc huggingface_hub safetensors numba pydantic fastapi"
+        VERSIONS="torch transformers tokenizers triton numpy typing_extensions anyio httpx h11 click prometheus_client annotated_doc huggingface_hub safetensors numba pydantic fastapi posix_ipc"
         export VLLM_NO_USAGE_STATS=1 ;;
     sglang)
         STAGE=.stage-sglang KV=${KVSTAGE:-/tmp/kvstage-sglang} SITE=${SITE:-/tmp/site-sglang}
