@@ -169,8 +169,9 @@ def main() -> int:
                        VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0")  # flashinfer is not staged
             t0 = time.time()
             crashes = []
-            # A crash gets one more try, recorded: the tenth lease saw 2 of 12 starts abort at
-            # warm-up ("terminate called without an active exception"), both with compaction off.
+            # A child killed by a signal gets one more try, recorded: the tenth lease saw 2 of 12
+            # starts abort at warm-up ("terminate called without an active exception", SIGABRT),
+            # both with compaction off.
             for _ in range(2):
                 with open(log, "w") as f:
                     rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", a.model, "--child", mode,
@@ -181,6 +182,8 @@ def main() -> int:
                     tail = f.readlines()[-30:]
                 print(f"[{name}] exited {rc} after {time.time() - t0:.0f} s; tail of {log}:\n{''.join(tail[-8:])}")
                 crashes.append({"rc": rc, "log_tail": tail})
+                if rc >= 0:  # an error exit (a traceback) would only repeat; a signal may not
+                    break
             if rc != 0 or not os.path.exists(path):
                 runs[name] = {"rc": rc, "crashes": crashes}
                 continue
