@@ -116,8 +116,9 @@ def child(model: str, mode: str, result_path: str) -> None:
 
 
 def max_delta(a: dict, b: dict) -> float:
-    """The largest logprob difference over the tokens two runs share before their first
-    differing token (after it, the contexts differ and so may everything)."""
+    """The largest logprob difference over each request's positions up to and including the
+    first where the two runs sampled different tokens (to there both followed the same context;
+    after it, the contexts differ and so may everything)."""
     worst = 0.0
     for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"], strict=True):
         for xa, xb, pa, pb in zip(ta, tb, la, lb, strict=False):
