@@ -6,9 +6,24 @@
 # scripts/gpu/sglang/prepare_stage.sh; stage_payload.sh unpacks it on the GPU machine.
 #
 #   pack_payload.sh BUILD ROOT STAGE PIECE_MIB      # BUILD/wheels/ holds the wheels
+#
+# PIECE_MIB=auto: as large as a call allows beside the working tree that travels with it
+# (64 MiB in all, 1 MiB kept spare), so the piece count grows only when the tree does.
 set -euo pipefail
 BUILD=$1 ROOT=$2 STAGE=$3 PIECE_MIB=$4
 OUT="$ROOT/$STAGE"
+
+# What a device call carries besides the piece: tracked and untracked files git does not
+# ignore (stages are ignored). Files deleted but still tracked make stat fail: count what exists.
+tree_b=$(cd "$ROOT" && { git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null || true; } \
+         | awk '{s+=$1} END {print s+0}')
+if [ "$PIECE_MIB" = auto ]; then
+    PIECE_MIB=$(( (64 * 1024 * 1024 - tree_b) / 1048576 - 1 ))
+    if [ "$PIECE_MIB" -lt 8 ]; then
+        echo "pack_payload: the working tree ($(( tree_b / 1048576 )) MiB) leaves under 8 MiB a call for the payload" >&2
+        exit 1
+    fi
+fi
 
 (cd "$BUILD/wheels" && sha256sum -- *.whl > "$BUILD/WHEELS.sha256")
 cp "$BUILD/WHEELS.sha256" "$BUILD/wheels/WHEELS.sha256"
@@ -43,9 +58,6 @@ echo "payload: $(( total / 1024 / 1024 )) MiB in $n piece(s), id $(cut -c1-12 "$
 for d in "$OUT"/part*; do
     printf '  %-20s %6.1f MiB\n' "$STAGE/$(basename "$d")" "$(du -cb "$d" | tail -1 | awk '{print $1/1048576}')"
 done
-# (files deleted but still tracked make stat fail: count what exists)
-tree_b=$(cd "$ROOT" && { git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null || true; } \
-         | awk '{s+=$1} END {print s+0}')
 printf '  working tree that travels besides: %.1f MiB (limit 64 MiB with one piece)\n' \
     "$(echo "$tree_b" | awk '{print $1/1048576}')"
 biggest=$(du -b "$OUT"/part*/payload.tar.* | sort -n | tail -1 | cut -f1)

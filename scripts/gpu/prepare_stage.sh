@@ -6,7 +6,8 @@
 #   bash scripts/gpu/prepare_stage.sh          # download, slim, split
 #
 # Env: BUILD (work dir, default /tmp/kvstage-build; downloads are reused),
-#      PIECE_MIB (largest piece, default 50), PYTHON (default python3).
+#      PIECE_MIB (largest piece; default auto: what a call leaves beside the working tree),
+#      PYTHON (default python3).
 # Steps: 1. pip download vllm==0.26.0 (cp312 manylinux wheel, sha256 pinned)
 #        2. scripts/gpu/slim_wheel.py drops kernels a dense model on the
 #           Triton backend never loads (303 MiB -> ~99 MiB)
@@ -18,7 +19,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 BUILD=${BUILD:-/tmp/kvstage-build}
-PIECE_MIB=${PIECE_MIB:-50}
+PIECE_MIB=${PIECE_MIB:-auto}
 PY=${PYTHON:-python3}
 
 VLLM_VERSION=0.26.0

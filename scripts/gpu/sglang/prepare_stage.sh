@@ -6,7 +6,8 @@
 #   bash scripts/gpu/sglang/prepare_stage.sh
 #
 # Env: BUILD (work dir, default /tmp/kvstage-sglang-build; downloads are reused),
-#      PIECE_MIB (largest piece, default 58), PYTHON (default python3),
+#      PIECE_MIB (largest piece; default auto: what a call leaves beside the working tree),
+#      PYTHON (default python3),
 #      KEEP_SM100=1 keeps sgl_kernel's Blackwell ops (+15 MiB).
 # Steps: 1. pip download sglang==0.5.17 and sglang-kernel==0.4.5 (cp312 manylinux
 #           wheels, sha256 pinned)
@@ -20,7 +21,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
 BUILD=${BUILD:-/tmp/kvstage-sglang-build}
-PIECE_MIB=${PIECE_MIB:-58}
+PIECE_MIB=${PIECE_MIB:-auto}
 PY=${PYTHON:-python3}
 
 SGLANG_WHEEL=sglang-0.5.17-cp312-cp312-manylinux_2_34_x86_64.whl
