@@ -29,11 +29,24 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
+def configuration(meta: dict[str, Any]) -> str:
+    """A run's configuration with the ``KVCACHED_*`` settings its call was made under:
+    ``kvcached`` as planned, ``kvcached-compact-off`` for the same with ``KVCACHED_COMPACT=off``
+    (a control is its own configuration, never pooled with the runs it controls)."""
+    settings = meta.get("kvcached_env") or {}
+    return meta["config"] + "".join(
+        f"-{key.removeprefix('KVCACHED_').lower().replace('_', '')}-{value.lower()}" for key, value in sorted(settings.items())
+    )
+
+
 def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-    """Runs by configuration (static, kvcached, overhead), each with its call's meta.
+    """Runs by configuration (static, kvcached, overhead, and any of those under other
+    ``KVCACHED_*`` settings: see :func:`configuration`), each with its call's meta.
 
     Takes the files ``run.py`` writes (one per call, all its runs) and the one-run files
-    ``--split`` writes (a run with its ``meta``).
+    ``--split`` writes (a run with its ``meta``). A run under other settings is relabelled
+    (``kvcached-fixed-10`` becomes ``kvcached-compact-off-fixed-10``), so that tables and
+    ``--split`` tell it apart.
     """
     by_config: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
@@ -42,7 +55,11 @@ def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         runs = doc.get("runs", [doc])
         for run in runs:
             run.setdefault("meta", doc.get("meta"))
-            by_config.setdefault(run["meta"]["config"], []).append(run)
+            base, name = run["meta"]["config"], configuration(run["meta"])
+            if name != base and run["label"].startswith(f"{base}-") and not run["label"].startswith(f"{name}-"):
+                run["label"] = name + run["label"][len(base):]
+            run["config"] = name
+            by_config.setdefault(name, []).append(run)
     return by_config
 
 
@@ -74,7 +91,7 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
         s, k = pairs[key]["summary"], run["summary"]
         interval = p99_gain_interval(pairs[key], run) if pairs[key].get("seed") == run.get("seed") else None
         rows.append(
-            f"| {run['meta']['config']} @ {run['meta'].get('commit', '')} | {run['kind']} | {key[1]:g} | {k['count']} "
+            f"| {run.get('config', run['meta']['config'])} @ {run['meta'].get('commit', '')} | {run['kind']} | {key[1]:g} | {k['count']} "
             f"| {ms(s['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} "
             f"| {ms(s['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} | {ratio(s['ttft_p99_s'], k['ttft_p99_s'])} "
             f"| {interval_text(interval)} | {ms(s['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} "
@@ -86,7 +103,7 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
 def variant(run: dict[str, Any]) -> str:
     """What follows the peak rate in a multi run's label: "" (the plan's run), "-r2" (run
     again, ``--again``), "-nobudget" (kvcached with the GPU budget lifted)."""
-    m = re.match(r"^[a-z]+-[a-z]+-[0-9.]+(.*)$", run["label"])
+    m = re.match(rf"^.*-{re.escape(run.get('kind', ''))}-[0-9.]+(.*)$", run["label"])
     return m.group(1) if m else ""
 
 
@@ -364,14 +381,17 @@ def main() -> int:
     by = load(args.files)
     static, elastic, over = by.get("static", []), by.get("kvcached", []), by.get("overhead", [])
     fair = by.get("kvcached-fairshare", [])
+    # kvcached under other settings (a KVCACHED_COMPACT=off control, ...): rows of their own
+    others = [runs for name, runs in sorted(by.items()) if name.startswith("kvcached-") and name != "kvcached-fairshare"]
+    controls = [run for runs in others for run in runs]
     parts = []
     if static and elastic:
-        parts += ["### Static slices vs kvcached, per peak rate", headline_table(static, elastic, fair)]
-        parts += ["### Memory back after each peak (kvcached)", memory_table(elastic + fair)]
-    pairs = pairs_table(static + elastic)
+        parts += ["### Static slices vs kvcached, per peak rate", headline_table(static, elastic, fair, *others)]
+        parts += ["### Memory back after each peak (kvcached)", memory_table(elastic + fair + controls)]
+    pairs = pairs_table(static + elastic + controls)
     if pairs.count("\n") > 1:
         parts += ["### Runs of one rate, request by request", pairs]
-    timing = timing_table(static + elastic + over)
+    timing = timing_table(static + elastic + controls + over)
     if timing:
         parts += ["### Where the first token's time went (vLLM's histograms)", timing]
     if over:

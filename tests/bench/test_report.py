@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from client import Result, summarize  # noqa: E402
 from compare import p99_gain_interval  # noqa: E402
 from report import (  # noqa: E402
     headline_table,
+    load,
     memory_return,
     memory_table,
     overhead_table,
@@ -102,6 +104,34 @@ def test_reruns_and_the_lifted_budget_are_compared_request_by_request():
     headline = headline_table([runs[0], runs[3]], [runs[1], runs[2]])
     assert headline.count("| kvcached @ c |") == 1
     assert pairs_table(runs[:2]).count("\n") == 1  # two runs: the headline already compares them
+
+
+def test_a_control_under_other_kvcached_settings_is_its_own_configuration(tmp_path):
+    base = [20.0 + i % 7 for i in range(200)]
+    calls = {
+        "static": (_multi("static", "", base), {}),
+        "kvcached": (_multi("kvcached", "", base), {}),
+        "control": (_multi("kvcached", "", [t + 2.0 for t in base]), {"KVCACHED_COMPACT": "off"}),
+    }
+    paths = []
+    for name, (run, settings) in calls.items():
+        meta = dict(run.pop("meta"), kvcached_env=settings)
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"meta": meta, "runs": [run]}))
+    by = load([str(p) for p in paths])
+    assert sorted(by) == ["kvcached", "kvcached-compact-off", "static"]
+    (control,) = by["kvcached-compact-off"]
+    assert control["label"] == "kvcached-compact-off-fixed-10" and by["kvcached"][0]["label"] == "kvcached-fixed-10"
+    headline = headline_table(by["static"], by["kvcached"], by["kvcached-compact-off"])
+    assert headline.count("| kvcached @ c |") == 1 and headline.count("| kvcached-compact-off @ c |") == 1
+    pairs = pairs_table(by["static"] + by["kvcached"] + by["kvcached-compact-off"])
+    row = next(line for line in pairs.splitlines() if "| kvcached-fixed-10 | kvcached-compact-off-fixed-10 |" in line)
+    assert "| +2.00 | 100% |" in row  # the control, request by request against compaction on
+    # A one-run file --split wrote is read back under the same configuration and label.
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(control))
+    (again,) = load([str(split)])["kvcached-compact-off"]
+    assert again["label"] == "kvcached-compact-off-fixed-10"
 
 
 def test_the_timing_table_splits_the_engines_ttft_and_weights_by_requests():
