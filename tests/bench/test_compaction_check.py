@@ -3,12 +3,18 @@ the no-copy control shows that a lost copy would have changed something."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu"))
-
-from compaction_check import max_delta, verdict
+# Loaded from its file: scripts/gpu on sys.path would make its sglang/ folder shadow SGLang
+# (a namespace package) for every test collected after this one.
+_spec = importlib.util.spec_from_file_location(
+    "compaction_check", Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "compaction_check.py"
+)
+assert _spec is not None and _spec.loader is not None
+_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_check)
+max_delta, verdict = _check.max_delta, _check.verdict
 
 
 def run(tokens: list[list[int]], logprobs: list[list[float]], moved: int = 12) -> dict:
