@@ -19,7 +19,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export SIM=${SIM:-/tmp/kvsim}
-PY312=${PY312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
+# (a pyenv shim named python3.12 may exist and still refuse to run: ask it for its path)
+PY312=${PY312:-$(python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
 V=$SIM/venv312
 P=$V/bin/python
 
