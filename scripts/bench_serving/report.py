@@ -20,6 +20,7 @@ import json
 import os
 import re
 import statistics
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -384,6 +385,8 @@ def main() -> int:
     # kvcached under other settings (a KVCACHED_COMPACT=off control, ...): rows of their own
     others = [runs for name, runs in sorted(by.items()) if name.startswith("kvcached-") and name != "kvcached-fairshare"]
     controls = [run for runs in others for run in runs]
+    for name in sorted(set(by) - {"static", "kvcached", "overhead", "kvcached-fairshare"} - {n for n in by if n.startswith("kvcached-")}):
+        print(f"report: {len(by[name])} run(s) of configuration {name!r} are in no table (only kvcached has variants)", file=sys.stderr)
     parts = []
     if static and elastic:
         parts += ["### Static slices vs kvcached, per peak rate", headline_table(static, elastic, fair, *others)]
