@@ -59,7 +59,6 @@ def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
             base, name = run["meta"]["config"], configuration(run["meta"])
             if name != base and run["label"].startswith(f"{base}-") and not run["label"].startswith(f"{name}-"):
                 run["label"] = name + run["label"][len(base):]
-            run["config"] = name
             by_config.setdefault(name, []).append(run)
     return by_config
 
@@ -92,7 +91,7 @@ def headline_table(static: list[dict[str, Any]], *elastic_sets: list[dict[str, A
         s, k = pairs[key]["summary"], run["summary"]
         interval = p99_gain_interval(pairs[key], run) if pairs[key].get("seed") == run.get("seed") else None
         rows.append(
-            f"| {run.get('config', run['meta']['config'])} @ {run['meta'].get('commit', '')} | {run['kind']} | {key[1]:g} | {k['count']} "
+            f"| {configuration(run['meta'])} @ {run['meta'].get('commit', '')} | {run['kind']} | {key[1]:g} | {k['count']} "
             f"| {ms(s['ttft_mean_s'])} / {ms(k['ttft_mean_s'])} "
             f"| {ms(s['ttft_p99_s'])} / {ms(k['ttft_p99_s'])} | {ratio(s['ttft_p99_s'], k['ttft_p99_s'])} "
             f"| {interval_text(interval)} | {ms(s['tpot_mean_s'])} / {ms(k['tpot_mean_s'])} "
@@ -385,7 +384,7 @@ def main() -> int:
     # kvcached under other settings (a KVCACHED_COMPACT=off control, ...): rows of their own
     others = [runs for name, runs in sorted(by.items()) if name.startswith("kvcached-") and name != "kvcached-fairshare"]
     controls = [run for runs in others for run in runs]
-    for name in sorted(set(by) - {"static", "kvcached", "overhead", "kvcached-fairshare"} - {n for n in by if n.startswith("kvcached-")}):
+    for name in sorted(n for n in by if n not in ("static", "kvcached", "overhead") and not n.startswith("kvcached-")):
         print(f"report: {len(by[name])} run(s) of configuration {name!r} are in no table (only kvcached has variants)", file=sys.stderr)
     parts = []
     if static and elastic:

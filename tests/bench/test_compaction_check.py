@@ -24,9 +24,11 @@ def run(tokens: list[list[int]], logprobs: list[list[float]], moved: int = 12) -
 OFF = run([[5, 6, 7], [8, 9]], [[-0.5, -1.0, -2.0], [-0.25, -0.75]], moved=0)
 
 
-def copy_of(r: dict, moved: int = 12, **changes) -> dict:
+def copy_of(r: dict, moved: int = 12, at: dict | None = None) -> dict:
+    """``r`` with ``moved`` blocks moved and, at each (request, position) of ``at``, another
+    (token, logprob)."""
     out = run([list(t) for t in r["tokens"]], [list(lp) for lp in r["logprobs"]], moved)
-    for (req, pos), (token, logprob) in changes.get("at", {}).items():
+    for (req, pos), (token, logprob) in (at or {}).items():
         out["tokens"][req][pos], out["logprobs"][req][pos] = token, logprob
     return out
 
