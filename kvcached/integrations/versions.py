@@ -67,7 +67,7 @@ class VersionRanges:
 
 
 SUPPORTED: dict[str, VersionRanges] = {
-    "vllm": VersionRanges((VersionRange("0.26.0", "0.33.0"),)),
+    "vllm": VersionRanges((VersionRange("0.26.0", "0.34.0"),)),
     # one patch package per entry: kvcached.integrations.sglang.RANGES
     "sglang": VersionRanges((VersionRange("0.5.17", "0.5.17"), VersionRange("0.5.23", "0.5.23"))),
 }

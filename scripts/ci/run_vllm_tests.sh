@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs vLLM 0.33.0's own v1 core tests (four files of tests/v1/core/) against the
-# installed vllm in the environment that setup_vllm_env.sh builds (it is called
-# first, and is quick when the environment is complete).
+# Runs a vLLM release's own v1 core tests (four files of tests/v1/core/) against
+# the installed vllm in the environment that setup_vllm_env.sh builds (it is
+# called first, and is quick when the environment is complete).
 #
 # Usage: scripts/ci/run_vllm_tests.sh [--expect-failures FILE] [PYTEST_ARGS...]
 #   PYTEST_ARGS go to pytest unchanged (e.g. -p some_plugin, -k expr, -x).
@@ -9,12 +9,13 @@
 #       (any text holding ids such as tests/v1/core/test_x.py::test_y[p], e.g.
 #       docs/notes/vllm-baseline.md or a failed.txt), 1 otherwise; without it
 #       the exit status is pytest's.
+#   KVCACHED_VLLM_VERSION   the vLLM release (default: 0.33.0; as for setup_vllm_env.sh)
 #   KVCACHED_VLLM_ENV       the environment (as for setup_vllm_env.sh)
 #   KVCACHED_VLLM_TESTS_OUT where junit.xml, summary.md and failed.txt go
 #                           (default: <repo>/out/vllm-tests)
 set -euo pipefail
 
-readonly VLLM_VERSION=0.33.0
+readonly VLLM_VERSION="${KVCACHED_VLLM_VERSION:-0.33.0}"
 readonly test_files=(
     tests/v1/core/test_prefix_caching.py
     tests/v1/core/test_kv_cache_utils.py
@@ -36,7 +37,8 @@ if [[ "${1:-}" == "--expect-failures" ]]; then
     shift 2
 fi
 
-KVCACHED_VLLM_ENV="$env_dir" "$script_dir/setup_vllm_env.sh" >/dev/null
+KVCACHED_VLLM_VERSION="$VLLM_VERSION" KVCACHED_VLLM_ENV="$env_dir" \
+    "$script_dir/setup_vllm_env.sh" >/dev/null
 
 mkdir -p "$out_dir"
 rm -f "$out_dir/junit.xml" "$out_dir/summary.md" "$out_dir/failed.txt"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds (or reuses) a CPU-only Python environment for running vLLM 0.33.0's own
-# v1 core tests: a venv with the pinned packages, the tests taken from vLLM's
-# source distribution, and an offline Hugging Face cache that holds only the
-# config.json files those tests read.
+# Builds (or reuses) a CPU-only Python environment for running one vLLM
+# release's own v1 core tests: a venv with the pinned packages, the tests taken
+# from vLLM's source distribution, and an offline Hugging Face cache that holds
+# only the config.json files those tests read.
 #
 # Usage: scripts/ci/setup_vllm_env.sh
-#   KVCACHED_VLLM_ENV   where the environment lives
-#                       (default: ~/.cache/kvcached-ci/vllm-0.33.0)
+#   KVCACHED_VLLM_VERSION  the vLLM release (default: 0.33.0); its pinned
+#                          closure is scripts/ci/vllm-<version>-requirements.txt
+#   KVCACHED_VLLM_ENV      where the environment lives
+#                          (default: ~/.cache/kvcached-ci/vllm-<version>)
 #
 # Idempotent: a finished environment carries a stamp holding a hash of this
 # script and the requirements file; while both are unchanged a second run only
@@ -17,13 +19,17 @@
 # multi-GB CUDA build).
 set -euo pipefail
 
-readonly VLLM_VERSION=0.33.0
+readonly VLLM_VERSION="${KVCACHED_VLLM_VERSION:-0.33.0}"
 readonly PYTHON_BIN=python3.11
 readonly PYPI_SIMPLE_URL=https://pypi.org/simple
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly script_dir
 readonly req_file="$script_dir/vllm-$VLLM_VERSION-requirements.txt"
+if [[ ! "$VLLM_VERSION" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ || ! -f "$req_file" ]]; then
+    echo "setup_vllm_env: no pinned requirements for vLLM '$VLLM_VERSION' ($req_file)" >&2
+    exit 2
+fi
 readonly env_dir="${KVCACHED_VLLM_ENV:-$HOME/.cache/kvcached-ci/vllm-$VLLM_VERSION}"
 readonly py="$env_dir/bin/python"
 readonly tests_dir="$env_dir/vllm-tests"
@@ -179,7 +185,7 @@ with (src_root / "pyproject.toml").open("rb") as f:
 names = sorted({m.split(":")[0].strip() for m in markers})
 (dest_root / "pytest.ini").write_text(
     "[pytest]\n"
-    "addopts = -p kvcached_offline_hub\n"
+    "addopts = -p kvcached_offline_hub -p kvcached_x86_without_triton\n"
     "asyncio_default_fixture_loop_scope = function\n"
     "markers =\n" + "".join(f"    {name}\n" for name in names)
 )
@@ -217,6 +223,56 @@ def pytest_configure(config) -> None:
     from vllm.transformers_utils import repo_utils
 
     repo_utils.time = _TimeWithoutSleep("time")
+PY
+
+# A second pytest plugin (on by default the same way; `-p no:kvcached_x86_without_triton`
+# turns it off). vLLM 0.34 made CpuPlatform.check_and_update_config raise on x86
+# without Triton, where 0.33 only warned, so every VllmConfig fails here: Triton
+# counts only with triton-cpu and vLLM's own +cpu build, neither on PyPI. The plugin
+# lets that one check see Triton; every other reader of HAS_TRITON still gets False,
+# and where the check does not raise (0.33) the plugin does nothing.
+cat > "$tests_dir/kvcached_x86_without_triton.py" <<'PY'
+"""Let vLLM's x86 Triton check pass on a CPU machine without triton-cpu.
+
+vLLM 0.34 raises in CpuPlatform.check_and_update_config ("vLLM on x86 CPUs
+requires Triton (triton-cpu).") where 0.33 only warned; every VllmConfig goes
+through it. triton-cpu and vLLM's +cpu build (the only one whose HAS_TRITON can be
+true on a CPU) are not on PyPI. This plugin makes that one check read
+HAS_TRITON as true; every other reader still gets the real value (False). Where
+the check does not raise (vLLM 0.33), it does nothing.
+"""
+
+import importlib.util
+import pathlib
+import sys
+import types
+
+_RAISE = 'raise RuntimeError("vLLM on x86 CPUs requires Triton (triton-cpu).")'
+
+
+def pytest_configure(config) -> None:
+    # Read the source first: where the check does not raise, only the vllm and
+    # vllm.platforms packages get imported.
+    spec = importlib.util.find_spec("vllm.platforms.cpu")
+    if spec is None or _RAISE not in pathlib.Path(spec.origin).read_text():
+        return
+    import vllm.triton_utils as triton_utils
+    from vllm.platforms.cpu import CpuPlatform
+
+    if triton_utils.HAS_TRITON:
+        return
+    guarded_code = CpuPlatform.check_and_update_config.__func__.__code__
+
+    class _TritonUtils(types.ModuleType):
+        @property
+        def HAS_TRITON(self) -> bool:
+            # `from vllm.triton_utils import HAS_TRITON` inside the check reads
+            # this attribute with the check's frame as the caller.
+            if sys._getframe(1).f_code is guarded_code:
+                return True
+            return self.__dict__["HAS_TRITON"]
+
+    triton_utils.__class__ = _TritonUtils
 PY
 
 # 5. An offline Hugging Face cache with a config.json (transformers' defaults for

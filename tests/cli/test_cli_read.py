@@ -151,7 +151,7 @@ def test_version_ranges():
         assert all(span.low in supported and span.high in supported for span in supported.ranges)
     sglang = SUPPORTED["sglang"]
     assert "0.5.17" in sglang and "0.5.23" in sglang and "0.5.20" not in sglang  # no patches for 0.5.18-0.5.22
-    assert str(sglang) == "0.5.17 and 0.5.23" and str(SUPPORTED["vllm"]) == "0.26.0–0.33.0"
+    assert str(sglang) == "0.5.17 and 0.5.23" and str(SUPPORTED["vllm"]) == "0.26.0–0.34.0"
 
 
 def test_a_torch_kvpool_engine(kvctl, shm_name):

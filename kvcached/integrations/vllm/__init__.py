@@ -15,6 +15,7 @@ importing:
 ``vllm.v1.worker.gpu.attn_utils``                 the same for Model Runner V2
 ``vllm.v1.worker.gpu.model_runner``               moved blocks' rows rewritten (Model Runner V2)
 ``vllm.v1.worker.gpu_worker``                     start-up memory, sleep / wake-up
+``vllm.config.vllm``                              vLLM's own extensible KV cache off (0.34+)
 ===============================================  ==============================================
 """
 
@@ -44,6 +45,8 @@ def activate(vllm: ModuleType) -> None:
     when_imported("vllm.v1.core.kv_cache_manager", _patch_kv_cache_manager)
     when_imported("vllm.v1.worker.gpu_worker", _patch_gpu_worker)
     when_imported("vllm.v1.worker.gpu.model_runner", _patch_mrv2_runner)
+    if release >= (0, 34):
+        when_imported("vllm.config.vllm", _patch_config)
     if release < (0, 29):
         when_imported("vllm.v1.worker.gpu_model_runner", _patch_runner_026)
         when_imported("vllm.v1.worker.gpu.attn_utils", _patch_mrv2_026)
@@ -65,6 +68,28 @@ def _patch_coordinator(module: ModuleType) -> None:
     from kvcached.integrations.vllm.block_pool import ElasticBlockPool
 
     module.BlockPool = ElasticBlockPool  # type: ignore[attr-defined]
+
+
+def _patch_config(module: ModuleType) -> None:
+    """vLLM 0.34's extensible KV cache (on by default on CUDA) backs the KV tensors with
+    vLLM's own driver mappings, sized after warm-up; kvcached backs them instead. With
+    kvcached it is off; asking for it is refused at start, naming the two ways out."""
+    config_cls = module.VllmConfig
+    original = config_cls._resolve_extensible_kv_cache
+
+    @functools.wraps(original)
+    def resolve(self: Any) -> None:
+        cache_config = self.cache_config
+        if not cache_config._extensible_kv_cache_resolved:
+            if cache_config.enable_extensible_kv_cache:
+                raise ValueError(
+                    "kvcached backs the KV cache with its own virtual memory, so vLLM's extensible KV cache "
+                    "cannot be on too; drop --enable-extensible-kv-cache or unset ENABLE_KVCACHED"
+                )
+            cache_config.enable_extensible_kv_cache = False  # vLLM's checks still run on it
+        original(self)
+
+    config_cls._resolve_extensible_kv_cache = resolve
 
 
 def _patch_scheduler(module: ModuleType) -> None:

@@ -136,10 +136,11 @@ class ElasticBlockPool(BlockPool):
             for block_id in self._resync(blocks)[USED]:  # touched: all in use now
                 reused[block_id] = 1
 
-    def free_blocks(self, ordered_blocks: Iterable[Any]) -> None:
+    def free_blocks(self, ordered_blocks: Iterable[Any], *args: Any, **kwargs: Any) -> None:
+        # 0.34 added ``evict_first`` (and forwards it to the pool a block belongs to).
         with self.kv_lock:
             blocks = list(ordered_blocks)
-            super().free_blocks(blocks)
+            super().free_blocks(blocks, *args, **kwargs)
             self._resync(blocks)
             if not self.kv.limit_met:
                 self.kv.enforce_soon()  # off the scheduler's path: the unmap waits for no step

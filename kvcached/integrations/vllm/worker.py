@@ -206,8 +206,10 @@ def patch_worker(worker_module: Any) -> None:
     worker_cls = worker_module.Worker
 
     def request_memory(init_snapshot: Any, cache_config: Any, *args: Any, **kwargs: Any) -> int:
-        # What vLLM would ask for, without refusing when other engines hold memory.
-        return math.ceil(init_snapshot.total_memory * cache_config.gpu_memory_utilization)
+        # What vLLM would ask for, without refusing when other engines hold memory. 0.34's
+        # utilization may be unset, its default then depending on how the KV cache is sized.
+        utilization = getattr(cache_config, "resolved_gpu_memory_utilization", None)
+        return math.ceil(init_snapshot.total_memory * (utilization or cache_config.gpu_memory_utilization))
 
     worker_module.request_memory = request_memory
 

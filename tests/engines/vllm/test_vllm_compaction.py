@@ -31,9 +31,12 @@ def patched():
     kv_vllm.activate(vllm)
 
 
-@pytest.fixture
-def engine(monkeypatch):
-    """A worker's KV tensors over an arena, and vLLM's KVCacheManager over the same pages."""
+@pytest.fixture(params=["v1", "v2"])
+def engine(request, monkeypatch):
+    """A worker's KV tensors over an arena, and vLLM's KVCacheManager over the same pages;
+    the rows rewritten in V1's or Model Runner V2's block table (0.34 has only V2)."""
+    import importlib.util
+
     import torch
     import vllm.v1.worker.gpu.attn_utils as attn_utils
     from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -41,6 +44,14 @@ def engine(monkeypatch):
 
     from kvcached.integrations.vllm import runtime
 
+    if request.param == "v1" and importlib.util.find_spec("vllm.v1.worker.block_table") is None:
+        pytest.skip("this vLLM has no V1 model runner")
+    if request.param == "v2":
+        import vllm.v1.worker.gpu.buffer_utils as buffer_utils
+
+        # MRV2 stages block-table writes in pinned (UVA) buffers, which need a GPU.
+        monkeypatch.setattr(buffer_utils, "is_uva_available", lambda: False)
+        monkeypatch.setattr(buffer_utils, "is_pin_memory_available", lambda: False, raising=False)
     monkeypatch.setenv("KVCACHED_PACK", "on")
     monkeypatch.setenv("KVCACHED_COMPACT", "on")
     monkeypatch.setattr(runtime, "_attach", lambda pages, kv: None)  # no control plane here
@@ -52,7 +63,7 @@ def engine(monkeypatch):
     manager = KVCacheManager(config, max_model_len=1 << 15, scheduler_block_size=BLOCK, hash_block_size=BLOCK)
     assert manager.block_pool.kv is worker.pages
     yield Engine(manager=manager, pool=manager.block_pool, kv=worker.pages, worker=worker,
-                 tensors=[tensors[name] for name in layers], config=config)
+                 tensors=[tensors[name] for name in layers], config=config, runner_kind=request.param)
     worker.pages.close()
 
 
@@ -129,21 +140,60 @@ def cache(pool, blocks) -> list:
     return keys
 
 
-def v1_runner(engine, reqs):
-    """vLLM's V1 runner as the rewrite sees it: cached request states and the persistent
-    batch's real block table."""
-    import torch
-    from vllm.v1.worker.block_table import MultiGroupBlockTable
+class Runner:
+    """vLLM's model runner as the rewrite sees it, over its real block table: V1's cached
+    request states and persistent batch, or Model Runner V2's request indices and
+    ``BlockTables``."""
 
-    table = MultiGroupBlockTable(max_num_reqs=8, max_num_batched_tokens=1024, pin_memory=False,
-                                 device=torch.device("cpu"), block_sizes=[BLOCK], max_num_blocks=[128])
-    for i, r in enumerate(reqs):
-        table.add_row((block_ids(engine, r),), i)
-    return types.SimpleNamespace(
-        requests={r.request_id: types.SimpleNamespace(block_ids=(block_ids(engine, r),)) for r in reqs},
-        input_batch=types.SimpleNamespace(req_id_to_index={r.request_id: i for i, r in enumerate(reqs)},
-                                          block_table=table),
-    )
+    def __init__(self, engine, reqs) -> None:
+        import numpy as np
+        import torch
+
+        self.kind = engine.runner_kind
+        index_of = {r.request_id: i for i, r in enumerate(reqs)}
+        if self.kind == "v1":
+            from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+            table = MultiGroupBlockTable(max_num_reqs=8, max_num_batched_tokens=1024, pin_memory=False,
+                                         device=torch.device("cpu"), block_sizes=[BLOCK], max_num_blocks=[128])
+            for i, r in enumerate(reqs):
+                table.add_row((block_ids(engine, r),), i)
+            self.ns = types.SimpleNamespace(
+                requests={r.request_id: types.SimpleNamespace(block_ids=(block_ids(engine, r),)) for r in reqs},
+                input_batch=types.SimpleNamespace(req_id_to_index=index_of, block_table=table),
+            )
+        else:
+            from vllm.v1.worker.gpu.block_table import BlockTables
+
+            tables = BlockTables(block_sizes=[BLOCK], max_num_reqs=8, max_num_batched_tokens=1024,
+                                 max_num_blocks_per_group=[128], device=torch.device("cpu"))
+            # A GPU kernel applies the staged writes; here each is also played on a copy.
+            self.applied = np.zeros((8, 128), dtype=np.int64)
+            staged = tables.block_tables[0]
+            stage_write = staged.stage_write
+
+            def play(index: int, start: int, ids) -> None:
+                self.applied[index, start:start + len(ids)] = list(ids)
+                stage_write(index, start, ids)
+
+            staged.stage_write = play
+            for i, r in enumerate(reqs):
+                tables.append_block_ids(i, (block_ids(engine, r),), overwrite=False)
+            self.ns = types.SimpleNamespace(req_states=types.SimpleNamespace(req_id_to_index=index_of),
+                                            block_tables=tables)
+
+    def rewrite(self, output):
+        from kvcached.integrations.vllm import compaction
+
+        return (compaction.rewrite_v1 if self.kind == "v1" else compaction.rewrite_v2)(self.ns, output)
+
+    def rows(self, index: int, req_id: str) -> list[list[int]]:
+        """What the worker would read for the request in row ``index``."""
+        if self.kind == "v1":
+            ids = list(self.ns.requests[req_id].block_ids[0])
+            return [ids, list(self.ns.input_batch.block_table[0].block_table.np[index, :len(ids)])]
+        length = int(self.ns.block_tables.num_blocks.np[0, index])
+        return [list(self.applied[index, :length])]
 
 
 def test_one_step_later_the_leftovers_share_one_group_with_their_data_rows_and_prefix_entries(engine, monkeypatch,
@@ -168,11 +218,11 @@ def test_one_step_later_the_leftovers_share_one_group_with_their_data_rows_and_p
             fill(e, b, 100 * k + i)
     before = {r.request_id: block_ids(e, r) for r in keep}
     keys = cache(pool, [pool.blocks[b] for b in before["q15"]])
-    runner = v1_runner(e, keep)
+    runner = Runner(e, keep)
     mapped = kv.mapper.mapped_bytes
 
     assert step(e).kv_cache_block_copies is None  # the worker has not shown it rewrites rows yet
-    compaction.rewrite_v1(runner, SchedulerOutput.make_empty())  # its first step: it does
+    runner.rewrite(SchedulerOutput.make_empty())  # its first step: it does
     with caplog.at_level("INFO", logger="kvcached.vllm"):
         output = step(e)
     assert "compaction moved 192 KV blocks" in caplog.text  # said once, at the first move
@@ -183,13 +233,13 @@ def test_one_step_later_the_leftovers_share_one_group_with_their_data_rows_and_p
     assert block_ids(e, keep[0]) == before["q0"]  # the densest group's request stayed
 
     # The worker: rows rewritten, vLLM's own copy moves the bytes, then the copy is marked.
-    compaction.rewrite_v1(runner, output)
+    runner.rewrite(output)
     copy_kv_cache_blocks_inplace(e.tensors, e.config.num_blocks, output.kv_cache_block_copies)
     compaction.copy_queued(moves)
     for index, (k, r) in enumerate(enumerate(keep)):
         ids = block_ids(e, r)
-        assert runner.requests[r.request_id].block_ids[0] == ids
-        assert list(runner.input_batch.block_table[0].block_table.np[index, :len(ids)]) == ids
+        views = runner.rows(index, r.request_id)
+        assert views and all(view == ids for view in views)
         assert [read(e, b) for b in ids] == [[100.0 * k + i] * 2 for i in range(len(ids))]
     new_ids = block_ids(e, keep[3])
     assert [pool.cached_block_hash_to_block.get_one_block(key).block_id for key in keys] == new_ids
@@ -212,7 +262,7 @@ def test_a_shared_block_pins_its_group_and_the_rest_joins_it(engine):
 
     e = engine
     keep = scattered(e)
-    compaction.rewrite_v1(v1_runner(e, keep), SchedulerOutput.make_empty())
+    Runner(e, keep).rewrite(SchedulerOutput.make_empty())
     homes = [groups_of(e, r) for r in keep]
     shared = e.pool.blocks[block_ids(e, keep[3])[0]]
     e.pool.touch([shared])  # a prefix hit: two requests hold this block now
@@ -229,11 +279,10 @@ def test_a_shared_block_pins_its_group_and_the_rest_joins_it(engine):
 def test_compaction_off_or_without_packing_moves_nothing(engine, monkeypatch):
     from vllm.v1.core.sched.output import SchedulerOutput
 
-    from kvcached.integrations.vllm import compaction
 
     e = engine
     keep = scattered(e)
-    compaction.rewrite_v1(v1_runner(e, keep), SchedulerOutput.make_empty())
+    Runner(e, keep).rewrite(SchedulerOutput.make_empty())
     monkeypatch.setenv("KVCACHED_COMPACT", "off")
     assert step(e).kv_cache_block_copies is None
     monkeypatch.setenv("KVCACHED_COMPACT", "auto")
@@ -246,7 +295,6 @@ def test_compaction_off_or_without_packing_moves_nothing(engine, monkeypatch):
 def test_the_sources_stay_held_until_the_copys_event_has_passed(engine):
     from vllm.v1.core.sched.output import SchedulerOutput
 
-    from kvcached.integrations.vllm import compaction
     from kvcached.integrations.vllm.states import FREE, USED
 
     class Event:  # stands in for the CUDA event the worker records after the copy
@@ -257,7 +305,7 @@ def test_the_sources_stay_held_until_the_copys_event_has_passed(engine):
 
     e = engine
     keep = scattered(e)
-    compaction.rewrite_v1(v1_runner(e, keep), SchedulerOutput.make_empty())
+    Runner(e, keep).rewrite(SchedulerOutput.make_empty())
     moves = step(e).kvcached_moves
     sources = [src for src, _ in moves.pairs]
     step(e)
@@ -283,7 +331,7 @@ def test_a_limit_below_the_groups_the_blocks_are_spread_over_is_met_before_they_
     keep = scattered(e)
     manager.free(keep[1])
     manager.free(keep[2])  # two groups hold a quarter each: one group's worth, gain 1
-    compaction.rewrite_v1(v1_runner(e, [keep[0], keep[3]]), SchedulerOutput.make_empty())
+    Runner(e, [keep[0], keep[3]]).rewrite(SchedulerOutput.make_empty())
     assert step(e).kv_cache_block_copies is None  # a gain of one group is not worth a move ...
     monkeypatch.setenv("KVCACHED_COMPACT", "auto")
     kv.pack = "off"  # ... and auto does not compact an engine that does not pack, unless:

@@ -50,7 +50,7 @@ def test_import_hook_patches_a_fresh_process_only_when_enabled():
 
 def test_unsupported_version_refuses_naming_the_range():
     fake = types.SimpleNamespace(__version__="0.19.1")
-    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0–0\.33\.0, found 0\.19\.1"):
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0–0\.34\.0, found 0\.19\.1"):
         kv_vllm.activate(fake)  # type: ignore[arg-type]
 
 
@@ -78,6 +78,73 @@ def test_memory_is_mapped_only_under_live_blocks_and_returns():
     assert arena.mapped_bytes <= idle + pool.kv.group_bytes * pool.kv.reserve_pages
     assert pool.get_num_free_blocks() == 4095
     pool.kv.check_integrity()
+
+
+def test_freed_cached_blocks_asked_to_go_first_head_the_queue_and_stay_accounted():
+    import inspect
+
+    from vllm.v1.core.block_pool import BlockPool
+
+    from kvcached.integrations.vllm.states import CACHED
+
+    if "evict_first" not in inspect.signature(BlockPool.__mro__[1].free_blocks).parameters:
+        pytest.skip("free_blocks(..., evict_first) is vLLM 0.34+")
+    from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
+
+    pool = new_pool()
+    kv = pool.kv
+    blocks = pool.get_new_blocks(2 * kv.blocks_per_page)
+    for i, block in enumerate(blocks):  # cached contents, as after a finished prompt
+        block.block_hash = make_block_hash_with_group_id(BlockHash(i.to_bytes(8, "big")), 0)
+    pool.free_blocks(reversed(blocks), evict_first=True)
+    # At the head of the queue in the order given (reused first), not at its LRU tail.
+    assert [b.block_id for b in pool._peek(len(blocks))] == [b.block_id for b in reversed(blocks)]
+    assert all(kv.block_state[b.block_id] == CACHED for b in blocks)
+    assert pool.get_num_free_blocks() == 4095
+    kv.check_integrity()
+
+
+def test_vllms_own_extensible_kv_cache_stays_off_and_asking_for_it_is_refused():
+    from vllm.config import CacheConfig, ParallelConfig
+    from vllm.config.vllm import VllmConfig
+
+    if not hasattr(VllmConfig, "_resolve_extensible_kv_cache"):
+        pytest.skip("the extensible KV cache is vLLM 0.34+")
+    from vllm.platforms import current_platform
+
+    def resolve(requested):
+        # The checks need only these parts of a VllmConfig; the platform passes for CUDA.
+        config = types.SimpleNamespace(cache_config=CacheConfig(enable_extensible_kv_cache=requested),
+                                       kv_transfer_config=None, parallel_config=ParallelConfig())
+        VllmConfig._resolve_extensible_kv_cache(config)  # type: ignore[arg-type]
+        return config.cache_config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(current_platform, "is_cuda_alike", lambda: True)
+        cache = resolve(None)
+        assert cache.enable_extensible_kv_cache is False
+        assert cache.resolved_gpu_memory_utilization == CacheConfig.DEFAULT_GPU_MEMORY_UTILIZATION
+        with pytest.raises(ValueError, match="drop --enable-extensible-kv-cache or unset ENABLE_KVCACHED"):
+            resolve(True)
+        assert resolve(False).enable_extensible_kv_cache is False
+
+
+def test_start_up_asks_what_vllm_would_without_refusing_memory_other_engines_hold():
+    import math
+
+    import vllm.v1.worker.gpu_worker as gpu_worker
+    import vllm.v1.worker.utils as worker_utils
+    from vllm.config import CacheConfig
+
+    GiB = 1 << 30
+    snapshot = types.SimpleNamespace(total_memory=80 * GiB, free_memory=10 * GiB, device_="cuda:0")
+    # 0.34 leaves the utilization unset by default (then 0.92 without its extensible cache).
+    unset_allowed = hasattr(CacheConfig, "resolved_gpu_memory_utilization")
+    for utilization, expected in [(0.5, 0.5), *([(None, 0.92)] if unset_allowed else [])]:
+        cache = CacheConfig(gpu_memory_utilization=utilization)
+        with pytest.raises(ValueError, match="Free memory on device"):
+            worker_utils.request_memory(snapshot, cache)  # vLLM's own: 10 GiB free is too little
+        assert gpu_worker.request_memory(snapshot, cache) == math.ceil(80 * GiB * expected)
 
 
 def test_block_choice_is_identical_to_vllms():
